@@ -1,0 +1,269 @@
+"""Test-time augmentation (paper appendix A): augmentations, inverse box transforms, merges, a wrapper.
+
+Legend: K predictions of one image; boxes are ``(K, 4)`` xyxy in pixels; a *prediction* is a dict with
+``boxes`` (K, 4) float, ``scores`` (K,) float and ``labels`` (K,) int64 (the dataset's category ids),
+as the model's post-processing returns it.
+
+An augmentation resizes the image (short side ``short_side``, long side capped at ``max_size``) and may
+flip it horizontally. Predictions made on the augmented image are mapped back to the original image by
+:func:`invert_boxes` before they are merged:
+
+- :func:`one_to_one_merge`, the paper's ensembling: the main augmentation's predictions are kept and each
+  is refined by at most one prediction from every other augmentation (no NMS);
+- :func:`nms_merge`, the baseline: the union of all augmentations' predictions, class-wise NMS.
+
+:class:`DetectorWithTTA` runs a detector under every augmentation and merges, in the style of
+detectron2's ``GeneralizedRCNNWithTTA``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import batched_nms, box_iou
+
+from pipeline.evaluation.config import TTAConfig
+
+Prediction = dict[str, Tensor]
+"""``{"boxes": (K, 4) xyxy float, "scores": (K,) float, "labels": (K,) int64}``."""
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """One test-time augmentation: resize (short side, long-side cap), then an optional horizontal flip."""
+
+    short_side: int
+    max_size: int
+    flip: bool = False
+    weight: float = 1.0
+    """Weight of this augmentation's boxes in the one-to-one merge."""
+
+    @property
+    def name(self) -> str:
+        """``s<short_side>`` or ``s<short_side>_flip`` (the max size is shared by all TTA scales)."""
+        return f"s{self.short_side}" + ("_flip" if self.flip else "")
+
+
+def augmentations_from_config(cfg: TTAConfig) -> tuple[list[Augmentation], int]:
+    """The augmentations of a TTA config (scales outer, unflipped before flipped) and the main one's index."""
+    weights = list(cfg.scale_weights) or [1.0] * len(cfg.scales)
+    augs: list[Augmentation] = []
+    for scale, weight in zip(cfg.scales, weights):
+        augs.append(Augmentation(scale, cfg.max_size, False, float(weight)))
+        if cfg.flip:
+            augs.append(Augmentation(scale, cfg.max_size, True, float(weight) * cfg.flip_weight))
+    main = next(i for i, a in enumerate(augs) if a.short_side == cfg.main_scale and a.flip == cfg.main_flip)
+    return augs, main
+
+
+def _check_sizes(orig_size: Sequence[int], aug_size: Sequence[int]) -> tuple[int, int, int, int]:
+    h, w = int(orig_size[0]), int(orig_size[1])
+    ah, aw = int(aug_size[0]), int(aug_size[1])
+    if min(h, w, ah, aw) <= 0:
+        raise ValueError(f"image sizes must be positive, got original {(h, w)} and augmented {(ah, aw)}")
+    return h, w, ah, aw
+
+
+def apply_to_boxes(boxes: Tensor, orig_size: Sequence[int], aug_size: Sequence[int], flip: bool) -> Tensor:
+    """Map boxes (K, 4) xyxy from the original image (h, w) into the augmented one (h', w').
+
+    The augmentation resizes by (w'/w, h'/h) and then, if ``flip``, mirrors: x -> w' - x.
+    """
+    h, w, ah, aw = _check_sizes(orig_size, aug_size)
+    scale = boxes.new_tensor([aw / w, ah / h, aw / w, ah / h])
+    out = boxes * scale
+    if flip:
+        out = torch.stack([aw - out[:, 2], out[:, 1], aw - out[:, 0], out[:, 3]], dim=1)
+    return out
+
+
+def invert_boxes(boxes: Tensor, orig_size: Sequence[int], aug_size: Sequence[int], flip: bool) -> Tensor:
+    """Map boxes (K, 4) xyxy predicted on the augmented image (h', w') back to the original (h, w).
+
+    The inverse of :func:`apply_to_boxes`: un-flip in the augmented frame (x1 = w' - x2, x2 = w' - x1),
+    then divide by the resize factors (w'/w, h'/h).
+    """
+    h, w, ah, aw = _check_sizes(orig_size, aug_size)
+    out = boxes
+    if flip:
+        out = torch.stack([aw - out[:, 2], out[:, 1], aw - out[:, 0], out[:, 3]], dim=1)
+    scale = boxes.new_tensor([aw / w, ah / h, aw / w, ah / h])
+    return out / scale
+
+
+def one_to_one_merge(
+    predictions: Sequence[Prediction],
+    weights: Sequence[float],
+    main: int,
+    iou_threshold: float,
+    score_mode: str = "mean",
+) -> Prediction:
+    """The paper's one-to-one TTA ensembling of one image's predictions (appendix A).
+
+    All predictions must already be in the original image's pixels. Let ``a = 0..A-1`` index the
+    augmentations, ``m = main`` and ``w_a`` the weights. For every main prediction ``i`` (box ``b_i``,
+    class ``c_i``, score ``s_i``):
+
+    - from every other augmentation ``a``, take the prediction ``j`` of class ``c_i`` with the highest
+      IoU with ``b_i``; it matches (``u_a = 1``) when that IoU is strictly above ``iou_threshold``,
+      else ``u_a = 0``. The main augmentation matches itself (``u_m = 1``, ``j = i``). A prediction of
+      ``a`` may refine several main predictions; nothing is removed (no NMS).
+    - merged box = ``sum_a u_a w_a s_aj b_aj / sum_a u_a w_a s_aj``, the average weighted by
+      matched x weight x score (the main box when that sum is 0, i.e. a zero score);
+    - merged score = ``sum_a u_a w_a s_aj / sum_a w_a`` for ``score_mode="mean"`` (the weighted mean over
+      *all* augmentations with a miss counting 0, so predictions confirmed by many augmentations rank
+      higher, as in weighted box fusion), or ``s_i`` for ``score_mode="main"``;
+    - label = ``c_i``.
+
+    Args:
+        predictions: one prediction dict per augmentation, boxes (K_a, 4) xyxy.
+        weights: per-augmentation weights (A,), positive.
+        main: index of the main augmentation.
+        iou_threshold: matching IoU threshold in (0, 1].
+        score_mode: ``mean`` or ``main``.
+
+    Returns:
+        A prediction dict with the main augmentation's K_m predictions, sorted by score (descending).
+    """
+    if len(predictions) != len(weights):
+        raise ValueError(
+            f"one weight per augmentation: got {len(predictions)} predictions and {len(weights)} weights"
+        )
+    if not 0 <= main < len(predictions):
+        raise ValueError(f"main augmentation index {main} out of range for {len(predictions)} augmentations")
+    if score_mode not in ("mean", "main"):
+        raise ValueError(f"score_mode must be 'mean' or 'main', got {score_mode!r}")
+    ref = predictions[main]
+    ref_boxes, ref_scores, ref_labels = ref["boxes"].float(), ref["scores"].float(), ref["labels"]
+    weighted_boxes = torch.zeros_like(ref_boxes)
+    coef_sum = torch.zeros_like(ref_scores)
+    for a, (pred, weight) in enumerate(zip(predictions, weights)):
+        if a == main:
+            boxes, scores, matched = ref_boxes, ref_scores, torch.ones_like(ref_scores)
+        elif len(pred["scores"]) == 0 or len(ref_scores) == 0:
+            continue
+        else:
+            iou = box_iou(ref_boxes, pred["boxes"].float())  # (K_m, K_a)
+            iou = iou.masked_fill(ref_labels[:, None] != pred["labels"][None, :], -1.0)
+            best_iou, best = iou.max(dim=1)
+            boxes, scores = pred["boxes"].float()[best], pred["scores"].float()[best]
+            matched = (best_iou > iou_threshold).float()
+        coef = matched * float(weight) * scores
+        weighted_boxes += coef[:, None] * boxes
+        coef_sum += coef
+    safe = coef_sum > 0
+    merged_boxes = torch.where(safe[:, None], weighted_boxes / coef_sum.clamp_min(1e-12)[:, None], ref_boxes)
+    merged_scores = coef_sum / float(sum(weights)) if score_mode == "mean" else ref_scores.clone()
+    order = torch.argsort(merged_scores, descending=True, stable=True)
+    return {"boxes": merged_boxes[order], "scores": merged_scores[order], "labels": ref_labels[order]}
+
+
+def nms_merge(predictions: Sequence[Prediction], iou_threshold: float, max_detections: int) -> Prediction:
+    """Baseline TTA merge: the union of all augmentations' predictions, class-wise NMS, the top
+    ``max_detections``.
+
+    Boxes must already be in the original image's pixels. Returns a prediction dict sorted by score.
+    """
+    boxes = torch.cat([p["boxes"].float() for p in predictions])
+    scores = torch.cat([p["scores"].float() for p in predictions])
+    labels = torch.cat([p["labels"] for p in predictions])
+    keep = batched_nms(boxes, scores, labels, iou_threshold)[:max_detections]
+    return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+
+
+def merge(
+    predictions: Sequence[Prediction],
+    augmentations: Sequence[Augmentation],
+    main: int,
+    cfg: TTAConfig,
+    how: str,
+) -> Prediction:
+    """One image's TTA predictions merged by ``how`` (``one_to_one`` or ``nms``) with ``cfg``'s settings."""
+    if how == "one_to_one":
+        merged = one_to_one_merge(
+            predictions, [a.weight for a in augmentations], main, cfg.iou_threshold, cfg.score_mode
+        )
+        return {k: v[: cfg.max_detections] for k, v in merged.items()}
+    if how == "nms":
+        return nms_merge(predictions, cfg.nms_iou, cfg.max_detections)
+    raise ValueError(f"unknown TTA merge {how!r}; expected 'one_to_one' or 'nms'")
+
+
+def pad_batch(images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Zero-pad normalised images (3, h_i, w_i) into (B, 3, H, W); also returns image_sizes (B, 2) (h, w)."""
+    if not images:
+        raise ValueError("pad_batch needs at least one image")
+    height = max(int(im.shape[1]) for im in images)
+    width = max(int(im.shape[2]) for im in images)
+    batch = images[0].new_zeros((len(images), 3, height, width))
+    for i, im in enumerate(images):
+        batch[i, :, : im.shape[1], : im.shape[2]] = im
+    sizes = torch.tensor([[int(im.shape[1]), int(im.shape[2])] for im in images], dtype=torch.int64)
+    return batch, sizes
+
+
+Preprocess = Callable[[Tensor, Augmentation], Tensor]
+"""Turns an original uint8 image (3, H, W) into the augmented, normalised float image (3, h', w')."""
+
+
+def detect(detector: nn.Module, images: Sequence[Tensor]) -> tuple[dict[str, Tensor], list[Prediction]]:
+    """Run ``detector`` on normalised images (3, h_i, w_i): the raw outputs and per-image predictions in
+    each image's own pixels (its ``postprocess`` with target sizes = the unpadded sizes)."""
+    batch, sizes = pad_batch(images)
+    device = next(detector.parameters()).device
+    outputs = detector(batch.to(device), sizes.to(device))
+    predictions = detector.postprocess(outputs, sizes.to(device))
+    return outputs, [{k: v.detach().cpu() for k, v in p.items()} for p in predictions]
+
+
+@dataclass
+class TTAOutput:
+    """Per image: each augmentation's predictions in the original image's pixels, and each merge's result."""
+
+    per_augmentation: dict[str, list[Prediction]]
+    merged: dict[str, list[Prediction]]
+
+
+class DetectorWithTTA(nn.Module):
+    """A detector evaluated under several test-time augmentations whose boxes are inverted, then merged.
+
+    For each augmentation, the original images are preprocessed (resized, maybe flipped, normalised),
+    batched, detected, and each prediction's boxes are mapped back with :func:`invert_boxes`; then every
+    requested merge (:func:`merge`) combines the augmentations per image.
+    """
+
+    def __init__(self, detector: nn.Module, preprocess: Preprocess, cfg: TTAConfig) -> None:
+        super().__init__()
+        self.detector = detector
+        self.preprocess = preprocess
+        self.cfg = cfg
+        self.augmentations, self.main = augmentations_from_config(cfg)
+
+    @torch.no_grad()
+    def forward(self, images: Sequence[Tensor]) -> TTAOutput:
+        """images: original uint8 images (3, H_i, W_i). Returns a :class:`TTAOutput` for them."""
+        per_aug: dict[str, list[Prediction]] = {}
+        for aug in self.augmentations:
+            augmented = [self.preprocess(image, aug) for image in images]
+            _, predictions = detect(self.detector, augmented)
+            per_aug[aug.name] = [
+                {**p, "boxes": invert_boxes(p["boxes"], image.shape[-2:], aug_image.shape[-2:], aug.flip)}
+                for p, image, aug_image in zip(predictions, images, augmented)
+            ]
+        merged = {
+            how: [
+                merge(
+                    [per_aug[a.name][i] for a in self.augmentations],
+                    self.augmentations,
+                    self.main,
+                    self.cfg,
+                    how,
+                )
+                for i in range(len(images))
+            ]
+            for how in self.cfg.merges
+        }
+        return TTAOutput(per_augmentation=per_aug, merged=merged)
