@@ -1,0 +1,1 @@
+"""The data stage: sharding, manifests, the embedded demo dataset, training and evaluation streams."""

@@ -1,0 +1,24 @@
+"""Decoding image bytes for training and evaluation.
+
+JPEG goes through libjpeg-turbo in ``torchvision.io.decode_jpeg`` straight into a tensor (the fastest
+candidate measured here, see benchmarks/RESULTS.md "Data"); other formats through PIL.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
+
+
+def decode_rgb(data: bytes, extension: str = "jpg") -> torch.Tensor:
+    """Decode image bytes to an RGB ``(3, H, W)`` uint8 tensor."""
+    if extension in ("jpg", "jpeg"):
+        buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        return decode_jpeg(buffer, mode=ImageReadMode.RGB)
+    with Image.open(io.BytesIO(data)) as image:
+        array = np.asarray(image.convert("RGB"))
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()

@@ -1,0 +1,195 @@
+"""The shard manifest: what a sharded split contains, written last by the shard stage, read by every reader.
+
+``<out>/<dataset>/<split>/manifest.json`` (contract 2 in DESIGN.md). It is the only index of a split:
+readers take the shard list, the sample counts (epoch lengths), the category table and the content
+hashes from it, and it pins the annotation files the shards came from. It is written deterministically
+(no timestamps, sorted lists), so rerunning the stage over the same input yields the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+KEY_DIGITS = 12
+"""``__key__`` of a sample: the image id zero-padded to this many digits."""
+
+
+class ManifestError(ValueError):
+    """A manifest that is missing, unreadable, not JSON, of another schema version or inconsistent."""
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """One shard file of the split."""
+
+    name: str
+    """File name, relative to the manifest's folder (``<dataset>-<split>-%06d.tar``)."""
+    num_samples: int
+    num_annotations: int
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Category:
+    """One entry of the dataset's category table (ids in the dataset's own id space)."""
+
+    id: int
+    name: str
+    supercategory: str = ""
+
+
+@dataclass(frozen=True)
+class AnnotationFile:
+    """A source annotation file the split was made from."""
+
+    path: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Reject:
+    """An input that was skipped: a whole image (``annotation_id`` None) or one annotation."""
+
+    image_id: int
+    reason: str
+    annotation_id: int | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A sharded split. ``num_samples`` is what epoch lengths are computed from."""
+
+    schema_version: int
+    dataset: str
+    split: str
+    kind: str
+    num_samples: int
+    num_annotations: int
+    shards: list[ShardEntry]
+    categories: list[Category]
+    annotation_files: list[AnnotationFile]
+    rejects: list[Reject]
+    reject_counts: dict[str, int]
+    """Rejects per reason (also counts fixes that kept the annotation, e.g. ``box_clipped``)."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """The partition and checking settings the shards were written with (a rerun must match them)."""
+    location: str = ""
+    """Where this manifest was read from (path or URL); not serialised."""
+
+    def shard_locations(self) -> list[str]:
+        """Each shard's path or URL: the manifest's folder joined with the shard name."""
+        base = self.location.rsplit("/", 1)[0] if "/" in self.location else "."
+        return [f"{base}/{shard.name}" for shard in self.shards]
+
+    def category_names(self) -> dict[int, str]:
+        """Category id -> name."""
+        return {category.id: category.name for category in self.categories}
+
+    def to_json(self) -> str:
+        """The canonical serialisation (sorted rejects, fixed key order, trailing newline)."""
+        data = asdict(self)
+        data.pop("location")
+        data["rejects"] = sorted(data["rejects"], key=_reject_order)
+        data["reject_counts"] = dict(sorted(data["reject_counts"].items()))
+        return json.dumps(data, indent=1, ensure_ascii=False) + "\n"
+
+
+def _reject_order(reject: dict[str, Any]) -> tuple[int, int, str, str]:
+    annotation_id = reject["annotation_id"]
+    return (
+        reject["image_id"],
+        -1 if annotation_id is None else annotation_id,
+        reject["reason"],
+        reject["detail"],
+    )
+
+
+def write_manifest(manifest: Manifest, path: Path) -> None:
+    """Write ``manifest`` to ``path`` atomically (temporary file, fsync, rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(manifest.to_json())
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def read_text(location: str | Path) -> str:
+    """The text of a local file or an http(s) URL (manifests are small)."""
+    text = str(location)
+    if text.startswith(("http://", "https://")):
+        with urllib.request.urlopen(text, timeout=60) as response:
+            return response.read().decode("utf-8")
+    return Path(text).read_text(encoding="utf-8")
+
+
+def load_manifest(location: str | Path) -> Manifest:
+    """Read and check a manifest from a path (file or split folder) or an http(s) URL.
+
+    Raises:
+        ManifestError: missing, unreadable, not JSON, wrong schema version, or inconsistent counts;
+            the message names the location and what to do.
+    """
+    text_location = str(location)
+    if not text_location.startswith(("http://", "https://")) and Path(text_location).is_dir():
+        text_location = str(Path(text_location) / MANIFEST_NAME)
+    try:
+        text = read_text(text_location)
+    except FileNotFoundError:
+        raise ManifestError(
+            f"{text_location}: no manifest here; run `python -m pipeline shard` for this "
+            "split first (the manifest is written last, so a missing one means the stage did "
+            "not finish)"
+        ) from None
+    except (OSError, urllib.error.URLError, UnicodeDecodeError) as error:
+        raise ManifestError(f"{text_location}: cannot read the manifest: {error}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ManifestError(
+            f"{text_location}: corrupt manifest (not JSON: {error}); rerun the shard stage to rewrite it"
+        ) from None
+    if not isinstance(data, dict) or "schema_version" not in data:
+        raise ManifestError(f"{text_location}: not a shard manifest (no schema_version)")
+    if data["schema_version"] != SCHEMA_VERSION:
+        raise ManifestError(
+            f"{text_location}: manifest schema version {data['schema_version']!r}, this code "
+            f"reads version {SCHEMA_VERSION}; reshard with this version of the pipeline"
+        )
+    try:
+        manifest = Manifest(
+            schema_version=data["schema_version"],
+            dataset=data["dataset"],
+            split=data["split"],
+            kind=data["kind"],
+            num_samples=int(data["num_samples"]),
+            num_annotations=int(data["num_annotations"]),
+            shards=[ShardEntry(**entry) for entry in data["shards"]],
+            categories=[Category(**entry) for entry in data["categories"]],
+            annotation_files=[AnnotationFile(**entry) for entry in data["annotation_files"]],
+            rejects=[Reject(**entry) for entry in data["rejects"]],
+            reject_counts={str(k): int(v) for k, v in data["reject_counts"].items()},
+            config=dict(data.get("config", {})),
+            location=text_location,
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise ManifestError(
+            f"{text_location}: malformed manifest ({type(error).__name__}: {error})"
+        ) from None
+    if sum(shard.num_samples for shard in manifest.shards) != manifest.num_samples:
+        raise ManifestError(
+            f"{text_location}: num_samples {manifest.num_samples} differs from the sum over "
+            "its shards; the manifest is corrupt, rerun the shard stage"
+        )
+    return manifest

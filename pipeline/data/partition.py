@@ -1,0 +1,390 @@
+"""The shard plan: which images go in which shard, and each shard's annotations spilled to its own file.
+
+Built once per input (annotation files' sha256 + partition settings = the plan's fingerprint) in a
+staging folder beside the output, renamed into place when complete, and reused by every rerun, so a
+resumed job writes exactly the shards the first run would have. Memory: images are numpy columns;
+annotations pass through in chunks of ``shard.annotation_chunk`` and go to ``ann/<shard>.jsonl``.
+
+Partition: the split's images sorted by id, cut every ``images_per_shard`` images, or else greedily at
+``target_shard_mb`` of image bytes (a shard closes before the image that would pass the target).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.data import rejects as R
+from pipeline.data.coco_source import (
+    AnnotationFileError,
+    ImageColumns,
+    SourceFile,
+    is_safe_file_name,
+    iter_annotation_chunks,
+    scan_images,
+)
+from pipeline.data.config import ShardStageConfig
+from pipeline.data.manifest import AnnotationFile, Category, Reject
+
+PLAN_VERSION = 1
+STAGING_PREFIX = ".staging-"
+
+
+@dataclass
+class Plan:
+    """A split's images in shard order and where each shard's annotations are.
+
+    ``ids``, ``widths``, ``heights``, ``sources`` ``(n,)``: the kept images sorted by id (``sources``
+    indexes ``image_roots``); file names as a blob cut at ``name_offsets (n + 1,)``; shard ``s`` holds
+    images ``shard_starts[s]:shard_starts[s + 1]`` and its annotations are in ``annotation_file(s)``.
+    """
+
+    directory: Path
+    fingerprint: str
+    ids: np.ndarray
+    widths: np.ndarray
+    heights: np.ndarray
+    sources: np.ndarray
+    name_offsets: np.ndarray
+    names: bytes
+    shard_starts: np.ndarray
+    image_roots: list[str]
+    categories: list[Category]
+    annotation_files: list[AnnotationFile]
+    index_rejects: list[Reject]
+    images_listed: int
+    annotations_listed: int
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shard_starts) - 1
+
+    def annotation_file(self, shard: int) -> Path:
+        """The JSON-lines file of shard ``shard``'s annotations (absent when it has none)."""
+        return self.directory / "ann" / f"{shard:06d}.jsonl"
+
+    def shard_names(self, shard: int) -> list[str]:
+        """The file names of shard ``shard``'s images."""
+        lo, hi = self.shard_starts[shard], self.shard_starts[shard + 1]
+        offsets = self.name_offsets
+        return [self.names[offsets[i] : offsets[i + 1]].decode("utf-8") for i in range(lo, hi)]
+
+
+def plan_fingerprint(cfg: ShardStageConfig, annotation_sha256: list[str]) -> str:
+    """What determines the shards' bytes: input hashes and partition/check settings."""
+    return hashlib.sha256(
+        json.dumps(
+            {"version": PLAN_VERSION, "settings": partition_settings(cfg), "annotations": annotation_sha256},
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()
+
+
+def partition_settings(cfg: ShardStageConfig) -> dict[str, Any]:
+    """The settings recorded in the manifest's ``config`` (a rerun with other values is a new output)."""
+    data = cfg.dataset
+    return {
+        "kind": data.kind,
+        "dataset": data.dataset_name,
+        "split": data.split,
+        "o365_val_holdout": data.o365_val_holdout if data.kind == "o365" else None,
+        "images_per_shard": cfg.shard.images_per_shard,
+        "target_shard_mb": None if cfg.shard.images_per_shard else cfg.shard.target_shard_mb,
+        "decode_check": cfg.shard.decode_check,
+    }
+
+
+def staging_dir(split_dir: Path, fingerprint: str) -> Path:
+    """Where the plan of this fingerprint lives while the split is being written."""
+    return split_dir / f"{STAGING_PREFIX}{fingerprint[:16]}"
+
+
+def _select(columns: ImageColumns, source: SourceFile) -> tuple[np.ndarray, list[Reject]]:
+    """Positions (file order) of the images this source contributes, and image rejects."""
+    order = np.argsort(columns.ids, kind="stable")
+    sorted_ids = columns.ids[order]
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    rejected = [
+        Reject(
+            int(columns.ids[i]),
+            R.DUPLICATE_IMAGE_ID,
+            None,
+            f"image id listed again in {source.annotations.name}",
+        )
+        for i in order[~first]
+    ]
+    unique = order[first]
+    keep_hi = len(unique) if source.keep_lowest is None else source.keep_lowest
+    chosen = unique[source.skip_lowest : keep_hi]
+    safe = np.fromiter(
+        (is_safe_file_name(columns.file_name(i)) for i in chosen), dtype=bool, count=len(chosen)
+    )
+    rejected += [
+        Reject(
+            int(columns.ids[i]),
+            R.UNSAFE_FILE_NAME,
+            None,
+            f"file_name {columns.file_name(i)!r} would leave the image root",
+        )
+        for i in chosen[~safe]
+    ]
+    return chosen[safe], rejected
+
+
+def _file_sizes(paths: list[str]) -> np.ndarray:
+    """Sizes in bytes (0 for missing files: those become rejects when their shard is written)."""
+
+    def size(path: str) -> int:
+        try:
+            return os.stat(path).st_size
+        except OSError:
+            return 0
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return np.fromiter(pool.map(size, paths, chunksize=256), dtype=np.int64, count=len(paths))
+
+
+def _cut(sizes: np.ndarray | None, count: int, images_per_shard: int | None, target_bytes: int) -> np.ndarray:
+    if images_per_shard is not None:
+        return np.append(np.arange(0, count, images_per_shard, dtype=np.int64), count)
+    assert sizes is not None
+    starts = [0]
+    total = 0
+    for i, size in enumerate(sizes.tolist()):
+        if total and total + size > target_bytes:
+            starts.append(i)
+            total = 0
+        total += size
+    return np.array([*starts, count], dtype=np.int64)
+
+
+def build_plan(cfg: ShardStageConfig, sources: list[SourceFile], fingerprint: str) -> Plan:
+    """Index the sources, partition the images and spill the annotations into a new staging folder.
+
+    Raises:
+        AnnotationFileError: a source that is not COCO-style JSON, or sources whose category tables differ.
+    """
+    split_dir = cfg.split_dir
+    final = staging_dir(split_dir, fingerprint)
+    work = split_dir / f"{STAGING_PREFIX}tmp-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "ann").mkdir(parents=True)
+
+    columns_list, chosen_list, known_list = [], [], []
+    categories: list[Category] | None = None
+    annotation_files: list[AnnotationFile] = []
+    rejects: list[Reject] = []
+    images_listed = 0
+    for source in sources:
+        scanned = scan_images(source.annotations)
+        if categories is not None and scanned.categories != categories:
+            raise AnnotationFileError(
+                f"{source.annotations}: its category table differs from "
+                f"{sources[0].annotations}'s; one split must use one label space"
+            )
+        categories = scanned.categories
+        annotation_files.append(AnnotationFile(str(source.annotations), scanned.sha256))
+        chosen, source_rejects = _select(scanned.images, source)
+        images_listed += len(chosen) + sum(r.reason == R.UNSAFE_FILE_NAME for r in source_rejects)
+        rejects += source_rejects
+        columns_list.append(scanned.images)
+        chosen_list.append(chosen)
+        known_list.append(np.unique(scanned.images.ids))
+    assert categories is not None
+
+    # Merge the sources' chosen images; an id already taken by an earlier source is a duplicate.
+    all_ids = np.concatenate([c.ids[p] for c, p in zip(columns_list, chosen_list)])
+    all_sources = np.concatenate([np.full(len(p), i, dtype=np.int16) for i, p in enumerate(chosen_list)])
+    all_pos = np.concatenate(chosen_list)
+    order = np.lexsort((all_sources, all_ids))
+    ids_sorted = all_ids[order]
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = ids_sorted[1:] != ids_sorted[:-1]
+    rejects += [
+        Reject(int(all_ids[i]), R.DUPLICATE_IMAGE_ID, None, "image id listed in two annotation files")
+        for i in order[~first]
+    ]
+    order = order[first]
+    if not len(order):
+        raise AnnotationFileError(f"{sources[0].annotations}: no usable images in this split")
+    ids, src, pos = all_ids[order], all_sources[order], all_pos[order]
+    widths = np.empty(len(ids), dtype=np.int32)
+    heights = np.empty(len(ids), dtype=np.int32)
+    blob = bytearray()
+    name_offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+    for s, columns in enumerate(columns_list):
+        mask = src == s
+        widths[mask] = columns.widths[pos[mask]]
+        heights[mask] = columns.heights[pos[mask]]
+    for i, (s, p) in enumerate(zip(src.tolist(), pos.tolist())):
+        columns = columns_list[s]
+        blob += columns.names[columns.name_offsets[p] : columns.name_offsets[p + 1]]
+        name_offsets[i + 1] = len(blob)
+    names = bytes(blob)
+    del columns_list, blob
+
+    image_roots = [str(source.image_root) for source in sources]
+    sizes = None
+    if cfg.shard.images_per_shard is None:
+        paths = [
+            os.path.join(image_roots[s], names[name_offsets[i] : name_offsets[i + 1]].decode("utf-8"))
+            for i, s in enumerate(src.tolist())
+        ]
+        sizes = _file_sizes(paths)
+        del paths
+    shard_starts = _cut(sizes, len(ids), cfg.shard.images_per_shard, int(cfg.shard.target_shard_mb * 2**20))
+    shard_of = np.repeat(np.arange(len(shard_starts) - 1, dtype=np.int32), np.diff(shard_starts))
+
+    annotations_listed = 0
+    for index, source in enumerate(sources):
+        annotations_listed += _spill(
+            source,
+            index,
+            ids,
+            src,
+            shard_of,
+            known_list[index],
+            work / "ann",
+            cfg.shard.annotation_chunk,
+            rejects,
+        )
+
+    plan = Plan(
+        final,
+        fingerprint,
+        ids,
+        widths,
+        heights,
+        src,
+        name_offsets,
+        names,
+        shard_starts,
+        image_roots,
+        categories,
+        annotation_files,
+        rejects,
+        images_listed,
+        annotations_listed,
+    )
+    _save(plan, work)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(work, final)
+    return plan
+
+
+def _spill(
+    source: SourceFile,
+    index: int,
+    ids: np.ndarray,
+    src: np.ndarray,
+    shard_of: np.ndarray,
+    known: np.ndarray,
+    ann_dir: Path,
+    chunk_size: int,
+    rejects: list[Reject],
+) -> int:
+    """Append each annotation of ``source`` to its shard's file; returns how many were listed.
+
+    Annotations of images this split does not take (the other split, rejected images) are skipped
+    without a reject: the image-level reject or the other split accounts for them.
+    """
+    listed = 0
+    for chunk in iter_annotation_chunks(source.annotations, chunk_size):
+        raw = [ann.get("image_id") for ann in chunk]
+        valid = np.fromiter((type(v) is int for v in raw), dtype=bool, count=len(raw))
+        image_ids = np.fromiter((v if type(v) is int else -1 for v in raw), dtype=np.int64, count=len(raw))
+        where = np.searchsorted(ids, image_ids).clip(max=max(len(ids) - 1, 0))
+        taken = valid & (ids[where] == image_ids) & (src[where] == index)
+        k = np.searchsorted(known, image_ids).clip(max=max(len(known) - 1, 0))
+        unknown = valid & (known[k] != image_ids)
+        listed += int(taken.sum() + unknown.sum() + (~valid).sum())
+        for i in np.flatnonzero(~valid):
+            ann = chunk[i]
+            rejects.append(
+                Reject(
+                    -1,
+                    R.MALFORMED_ANNOTATION,
+                    ann["id"] if type(ann.get("id")) is int else None,
+                    f"image_id {raw[i]!r} is not an integer",
+                )
+            )
+        for i in np.flatnonzero(unknown):
+            ann = chunk[i]
+            rejects.append(
+                Reject(
+                    int(image_ids[i]),
+                    R.UNKNOWN_IMAGE,
+                    ann["id"] if type(ann.get("id")) is int else None,
+                    f"no image {image_ids[i]} in {source.annotations.name}",
+                )
+            )
+        rows = np.flatnonzero(taken)
+        shards = shard_of[where[rows]]
+        order = np.argsort(shards, kind="stable")
+        rows, shards = rows[order], shards[order]
+        bounds = np.flatnonzero(np.diff(shards)) + 1
+        for group in np.split(np.arange(len(rows)), bounds):
+            if not len(group):
+                continue
+            lines = "".join(json.dumps(chunk[r], separators=(",", ":")) + "\n" for r in rows[group].tolist())
+            with open(ann_dir / f"{int(shards[group[0]]):06d}.jsonl", "a", encoding="utf-8") as handle:
+                handle.write(lines)
+    return listed
+
+
+def _save(plan: Plan, directory: Path) -> None:
+    np.savez(
+        directory / "plan.npz",
+        ids=plan.ids,
+        widths=plan.widths,
+        heights=plan.heights,
+        sources=plan.sources,
+        name_offsets=plan.name_offsets,
+        names=np.frombuffer(plan.names, dtype=np.uint8),
+        shard_starts=plan.shard_starts,
+    )
+    meta = {
+        "fingerprint": plan.fingerprint,
+        "image_roots": plan.image_roots,
+        "categories": [asdict(c) for c in plan.categories],
+        "annotation_files": [asdict(a) for a in plan.annotation_files],
+        "index_rejects": [asdict(r) for r in plan.index_rejects],
+        "images_listed": plan.images_listed,
+        "annotations_listed": plan.annotations_listed,
+    }
+    (directory / "plan.json").write_text(json.dumps(meta), encoding="utf-8")
+
+
+def load_plan(directory: Path) -> Plan | None:
+    """The complete plan in ``directory``, or None when there is none (or it is unreadable)."""
+    try:
+        meta = json.loads((directory / "plan.json").read_text(encoding="utf-8"))
+        arrays = np.load(directory / "plan.npz")
+        return Plan(
+            directory,
+            meta["fingerprint"],
+            arrays["ids"],
+            arrays["widths"],
+            arrays["heights"],
+            arrays["sources"],
+            arrays["name_offsets"],
+            arrays["names"].tobytes(),
+            arrays["shard_starts"],
+            meta["image_roots"],
+            [Category(**c) for c in meta["categories"]],
+            [AnnotationFile(**a) for a in meta["annotation_files"]],
+            [Reject(**r) for r in meta["index_rejects"]],
+            meta["images_listed"],
+            meta["annotations_listed"],
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

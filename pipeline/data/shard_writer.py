@@ -1,0 +1,184 @@
+"""Writing one shard: the body of a shard-stage Ray task (no Ray or torch import: workers start fast).
+
+A shard is a plain tar in WebDataset layout: per image ``<key>.jpg`` (or ``.png``, the source bytes) then
+``<key>.json``. Members carry a fixed mtime, owner and mode, so the same input gives the same bytes. The
+tar is written under a temporary name, fsynced and renamed into place; then the shard's completion
+record (its manifest entry, rejects and fixes) is written the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.data import rejects as R
+from pipeline.data.annotation_checks import check_annotations
+from pipeline.data.image_check import ImageDecodeError, probe_image
+from pipeline.data.manifest import KEY_DIGITS, Reject, ShardEntry
+
+
+def _add_member(writer: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o444
+    info.uname = info.gname = "dino"
+    writer.addfile(info, io.BytesIO(data))
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """What one Ray task needs to write shard ``index``: its images (columns) and annotation file."""
+
+    split_dir: str
+    name: str
+    ids: np.ndarray
+    widths: np.ndarray
+    heights: np.ndarray
+    paths: list[str]
+    file_names: list[str]
+    annotation_file: str
+    record_file: str
+    category_ids: frozenset[int]
+    repair: bool
+    decode_check: str
+
+
+@dataclass
+class ShardResult:
+    """A written shard: its manifest entry, its rejects and fixes, and the image bytes it read."""
+
+    entry: ShardEntry
+    rejects: list[Reject]
+    fixes: dict[str, int]
+    image_bytes: int
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "entry": asdict(self.entry),
+                "rejects": [asdict(r) for r in self.rejects],
+                "fixes": self.fixes,
+                "image_bytes": self.image_bytes,
+            }
+        )
+
+    @staticmethod
+    def from_json(text: str) -> ShardResult:
+        data = json.loads(text)
+        return ShardResult(
+            ShardEntry(**data["entry"]),
+            [Reject(**r) for r in data["rejects"]],
+            data["fixes"],
+            data["image_bytes"],
+        )
+
+
+class _HashingWriter(io.RawIOBase):
+    """A write-only file that hashes and counts what passes through it."""
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        self.sha256.update(view)
+        self._handle.write(view)
+        self.size += view.nbytes
+        return view.nbytes
+
+
+def _read_annotations(path: str) -> dict[int, list[dict[str, Any]]]:
+    by_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                ann = json.loads(line)
+                by_image[ann["image_id"]].append(ann)
+    return by_image
+
+
+def write_shard(task: ShardTask) -> ShardResult:
+    """Write one shard (temporary name, fsync, rename) and its completion record; returns the record."""
+    annotations = _read_annotations(task.annotation_file)
+    rejects: list[Reject] = []
+    fixes: Counter[str] = Counter()
+    final = Path(task.split_dir) / task.name
+    tmp = final.with_name(f".{task.name}.tmp-{os.getpid()}")
+    samples = kept_annotations = image_bytes = 0
+    with open(tmp, "wb") as handle:
+        hashing = _HashingWriter(handle)
+        with tarfile.open(fileobj=hashing, mode="w|", format=tarfile.USTAR_FORMAT) as writer:
+            for i, image_id in enumerate(task.ids.tolist()):
+                width, height = int(task.widths[i]), int(task.heights[i])
+                anns = annotations.get(image_id, [])
+                try:
+                    with open(task.paths[i], "rb") as image_file:
+                        data = image_file.read()
+                except FileNotFoundError:
+                    rejects.append(Reject(image_id, R.MISSING_IMAGE, None, task.file_names[i]))
+                    continue
+                except OSError as error:
+                    rejects.append(
+                        Reject(image_id, R.UNREADABLE_IMAGE, None, f"{task.file_names[i]}: {error}")
+                    )
+                    continue
+                image_bytes += len(data)
+                try:
+                    probe = probe_image(data, task.decode_check)
+                except ImageDecodeError as error:
+                    rejects.append(
+                        Reject(image_id, R.UNDECODABLE_IMAGE, None, f"{task.file_names[i]}: {error}")
+                    )
+                    continue
+                if (probe.width, probe.height) != (width, height):
+                    rejects.append(
+                        Reject(
+                            image_id,
+                            R.SIZE_MISMATCH,
+                            None,
+                            f"{task.file_names[i]} is "
+                            f"{probe.width}x{probe.height}, the record says {width}x{height}",
+                        )
+                    )
+                    continue
+                kept, ann_rejects, ann_fixes = check_annotations(
+                    anns, image_id, width, height, task.category_ids, repair=task.repair
+                )
+                rejects += ann_rejects
+                fixes.update(ann_fixes)
+                record = {
+                    "id": image_id,
+                    "file_name": task.file_names[i],
+                    "width": width,
+                    "height": height,
+                    "annotations": kept,
+                }
+                key = f"{image_id:0{KEY_DIGITS}d}"
+                _add_member(writer, f"{key}.{probe.extension}", data)
+                _add_member(writer, f"{key}.json", json.dumps(record, separators=(",", ":")).encode("utf-8"))
+                samples += 1
+                kept_annotations += len(kept)
+        handle.flush()
+        os.fsync(handle.fileno())
+    entry = ShardEntry(task.name, samples, kept_annotations, hashing.size, hashing.sha256.hexdigest())
+    result = ShardResult(entry, rejects, dict(sorted(fixes.items())), image_bytes)
+    os.replace(tmp, final)
+    record_tmp = Path(f"{task.record_file}.tmp-{os.getpid()}")
+    record_tmp.write_text(result.to_json(), encoding="utf-8")
+    os.replace(record_tmp, task.record_file)
+    return result
