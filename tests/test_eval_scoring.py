@@ -35,13 +35,27 @@ def _perturbed(gt: dict, seed: int = 0) -> list[dict]:
             if rng.random() < 0.1:
                 continue
             category = ann["category_id"] if rng.random() < 0.85 else rng.choice(category_ids)
-            box = [x + rng.gauss(0, 0.08) * w, y + rng.gauss(0, 0.08) * h, w * (1 + rng.gauss(0, 0.1)), h * (1 + rng.gauss(0, 0.1))]
-            dets.append({"image_id": ann["image_id"], "category_id": category, "bbox": box, "score": rng.random()})
+            box = [
+                x + rng.gauss(0, 0.08) * w,
+                y + rng.gauss(0, 0.08) * h,
+                w * (1 + rng.gauss(0, 0.1)),
+                h * (1 + rng.gauss(0, 0.1)),
+            ]
+            dets.append(
+                {"image_id": ann["image_id"], "category_id": category, "bbox": box, "score": rng.random()}
+            )
     for image in gt["images"]:
         for _ in range(5):
             w, h = rng.uniform(5, 200), rng.uniform(5, 200)
             box = [rng.uniform(0, image["width"] - w), rng.uniform(0, image["height"] - h), w, h]
-            dets.append({"image_id": image["id"], "category_id": rng.choice(category_ids), "bbox": box, "score": rng.random()})
+            dets.append(
+                {
+                    "image_id": image["id"],
+                    "category_id": rng.choice(category_ids),
+                    "bbox": box,
+                    "score": rng.random(),
+                }
+            )
     return dets
 
 
@@ -100,7 +114,10 @@ def test_empty_predictions_score_zero(gt: dict, scorer: str) -> None:
 
 def test_no_ground_truth_in_a_range_is_none_not_minus_one(gt: dict) -> None:
     large_only = {**gt, "annotations": [a for a in gt["annotations"] if a["area"] > 96**2]}
-    dets = [{**{k: a[k] for k in ("image_id", "category_id", "bbox")}, "score": 0.9} for a in large_only["annotations"]]
+    dets = [
+        {**{k: a[k] for k in ("image_id", "category_id", "bbox")}, "score": 0.9}
+        for a in large_only["annotations"]
+    ]
     m = score(large_only, dets, "faster")
     assert m.stats["APs"] is None and m.stats["APm"] is None and m.stats["APl"] == pytest.approx(1.0)
 
@@ -120,7 +137,9 @@ def test_category_ids_with_coco_gaps_pass_through(gt: dict) -> None:
     table = frozenset(c["id"] for c in gt["categories"])
     assert 90 in table and 12 not in table and sorted(table).index(90) + 1 == 80
     prediction = {
-        "boxes": torch.tensor([[10.0, 20.0, 50.0, 60.0], [0.0, 0.0, 5.0, 5.0], [1.0, 2.0, 3.0, 4.0], [7.0, 7.0, 9.0, 9.0]]),
+        "boxes": torch.tensor(
+            [[10.0, 20.0, 50.0, 60.0], [0.0, 0.0, 5.0, 5.0], [1.0, 2.0, 3.0, 4.0], [7.0, 7.0, 9.0, 9.0]]
+        ),
         "scores": torch.tensor([0.9, 0.8, 0.7, 0.6]),
         "labels": torch.tensor([90, 12, 0, 44]),
     }

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from torch import Tensor, nn
 from torchvision import tv_tensors
 from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as F
 
+from pipeline.data.transforms import Target, resized_size
 from pipeline.evaluation.config import TTAConfig
 from pipeline.evaluation.tta import (
     Augmentation,
@@ -20,7 +22,12 @@ from pipeline.evaluation.tta import (
     one_to_one_merge,
 )
 
-ODD_SIZES = [((427, 641), (800, 1201)), ((333, 500), (961, 1443)), ((97, 131), (61, 83)), ((640, 423), (1211, 800))]
+ODD_SIZES = [
+    ((427, 641), (800, 1201)),
+    ((333, 500), (961, 1443)),
+    ((97, 131), (61, 83)),
+    ((640, 423), (1211, 800)),
+]
 
 
 def _random_boxes(n: int, h: int, w: int, seed: int) -> Tensor:
@@ -32,11 +39,15 @@ def _random_boxes(n: int, h: int, w: int, seed: int) -> Tensor:
 
 @pytest.mark.parametrize(("orig", "aug"), ODD_SIZES)
 @pytest.mark.parametrize("flip", [False, True])
-def test_inverse_transform_is_the_identity_on_boxes(orig: tuple[int, int], aug: tuple[int, int], flip: bool) -> None:
+def test_inverse_transform_is_the_identity_on_boxes(
+    orig: tuple[int, int], aug: tuple[int, int], flip: bool
+) -> None:
     boxes = _random_boxes(50, *orig, seed=orig[0] + flip)
     forward = apply_to_boxes(boxes, orig, aug, flip)
     torch.testing.assert_close(invert_boxes(forward, orig, aug, flip), boxes, atol=1e-9, rtol=0)
-    torch.testing.assert_close(apply_to_boxes(invert_boxes(boxes, orig, aug, flip), orig, aug, flip), boxes, atol=1e-9, rtol=0)
+    torch.testing.assert_close(
+        apply_to_boxes(invert_boxes(boxes, orig, aug, flip), orig, aug, flip), boxes, atol=1e-9, rtol=0
+    )
     # A real transform: boxes stay valid (x1 < x2) and inside the augmented frame.
     assert (forward[:, 2] > forward[:, 0]).all() and (forward[:, 3] > forward[:, 1]).all()
     assert forward[:, 0].min() >= 0 and forward[:, 2].max() <= aug[1]
@@ -44,7 +55,9 @@ def test_inverse_transform_is_the_identity_on_boxes(orig: tuple[int, int], aug: 
 
 @pytest.mark.parametrize(("orig", "aug"), ODD_SIZES)
 @pytest.mark.parametrize("flip", [False, True])
-def test_inverse_undoes_torchvision_resize_and_flip(orig: tuple[int, int], aug: tuple[int, int], flip: bool) -> None:
+def test_inverse_undoes_torchvision_resize_and_flip(
+    orig: tuple[int, int], aug: tuple[int, int], flip: bool
+) -> None:
     """An independent forward transform: torchvision v2 moves tv_tensors boxes with the image."""
     boxes = _random_boxes(20, *orig, seed=7).float()
     image = tv_tensors.Image(torch.zeros(3, *orig, dtype=torch.uint8))
@@ -52,7 +65,9 @@ def test_inverse_undoes_torchvision_resize_and_flip(orig: tuple[int, int], aug: 
     ops = [v2.Resize(aug, antialias=True)] + ([v2.RandomHorizontalFlip(p=1.0)] if flip else [])
     out_image, out_boxes = v2.Compose(ops)(image, tv_boxes)
     assert tuple(out_image.shape[-2:]) == aug
-    torch.testing.assert_close(invert_boxes(out_boxes.as_subclass(Tensor), orig, aug, flip), boxes, atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(
+        invert_boxes(out_boxes.as_subclass(Tensor), orig, aug, flip), boxes, atol=1e-3, rtol=1e-5
+    )
 
 
 def _pred(boxes: list[list[float]], scores: list[float], labels: list[int]) -> dict[str, Tensor]:
@@ -81,7 +96,9 @@ def test_one_to_one_merge_hand_computed() -> None:
         (0.8 * 10 + 0.9 * 10 + 1.0 * 12) / 2.7,
         (0.8 * 10 + 0.9 * 12 + 1.0 * 10) / 2.7,
     ]
-    torch.testing.assert_close(merged["boxes"], torch.tensor([expected_0, [20.0, 20, 30, 30]]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        merged["boxes"], torch.tensor([expected_0, [20.0, 20, 30, 30]]), atol=1e-6, rtol=0
+    )
     # score "mean": sum of coefficients / sum of all weights (1 + 1 + 2); main[1] matched only itself.
     torch.testing.assert_close(merged["scores"], torch.tensor([2.7 / 4, 0.5 / 4]), atol=1e-7, rtol=0)
     assert merged["labels"].tolist() == [1, 2]
@@ -114,7 +131,9 @@ def test_one_to_one_merge_with_an_empty_augmentation() -> None:
 
 def test_nms_merge() -> None:
     a = _pred([[0, 0, 10, 10], [0, 0, 10, 10]], [0.9, 0.8], [1, 2])
-    b = _pred([[1, 0, 11, 10], [50, 50, 60, 60]], [0.7, 0.6], [1, 1])  # b[0]: IoU 90/110 with a[0], suppressed
+    b = _pred(
+        [[1, 0, 11, 10], [50, 50, 60, 60]], [0.7, 0.6], [1, 1]
+    )  # b[0]: IoU 90/110 with a[0], suppressed
     merged = nms_merge([a, b], iou_threshold=0.6, max_detections=300)
     assert merged["scores"].tolist() == pytest.approx([0.9, 0.8, 0.6])
     assert merged["labels"].tolist() == [1, 2, 1]
@@ -125,7 +144,9 @@ def test_nms_merge() -> None:
 
 
 def test_augmentations_from_config() -> None:
-    cfg = TTAConfig(enabled=True, scales=[600, 800], flip=True, main_scale=800, scale_weights=[0.5, 2.0], flip_weight=0.5)
+    cfg = TTAConfig(
+        enabled=True, scales=[600, 800], flip=True, main_scale=800, scale_weights=[0.5, 2.0], flip_weight=0.5
+    )
     augs, main = augmentations_from_config(cfg)
     assert [a.name for a in augs] == ["s600", "s600_flip", "s800", "s800_flip"]
     assert [a.weight for a in augs] == [0.5, 0.25, 2.0, 1.0]
@@ -163,20 +184,31 @@ class BlobDetector(nn.Module):
 
     def postprocess(self, outputs: dict[str, Tensor], target_sizes: Tensor) -> list[dict[str, Tensor]]:
         results = []
-        for image, (h, w), (th, tw) in zip(outputs["images"], outputs["sizes"].tolist(), target_sizes.tolist()):
+        for image, (h, w), (th, tw) in zip(
+            outputs["images"], outputs["sizes"].tolist(), target_sizes.tolist()
+        ):
             ys, xs = torch.nonzero(image[0, :h, :w] > 0.5, as_tuple=True)
             box = torch.tensor([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], dtype=torch.float32)
-            results.append({"boxes": box * torch.tensor([tw / w, th / h, tw / w, th / h]), "scores": torch.tensor([0.9]),
-                            "labels": torch.tensor([5])})
+            results.append(
+                {
+                    "boxes": box * torch.tensor([tw / w, th / h, tw / w, th / h]),
+                    "scores": torch.tensor([0.9]),
+                    "labels": torch.tensor([5]),
+                }
+            )
         return results
 
 
-def preprocess(image: Tensor, aug: Augmentation) -> Tensor:
-    """Short side to aug.short_side (long side capped), flip, to float (the test's stand-in transform)."""
-    h, w = image.shape[-2:]
-    scale = min(aug.short_side / min(h, w), aug.max_size / max(h, w))
-    out = F.resize(image, [round(h * scale), round(w * scale)], interpolation=v2.InterpolationMode.NEAREST)
-    return (F.horizontal_flip(out) if aug.flip else out).float() / 255
+def nearest_transform_for(aug: Augmentation) -> Callable[[Tensor, Target], tuple[Tensor, Target]]:
+    """The eval transform's geometry with nearest-neighbour sampling (integer scale factors stay exact)."""
+
+    def transform(image: Tensor, target: Target) -> tuple[Tensor, Target]:
+        size = list(resized_size(*image.shape[-2:], aug.short_side, aug.max_size))
+        ops = [v2.Resize(size, interpolation=v2.InterpolationMode.NEAREST)]
+        ops += [v2.RandomHorizontalFlip(1.0)] if aug.flip else []
+        return v2.Compose([*ops, v2.ToDtype(torch.float32, scale=True)])(image, target)
+
+    return transform
 
 
 def test_wrapper_maps_every_augmentation_back_to_the_original_image() -> None:
@@ -186,15 +218,19 @@ def test_wrapper_maps_every_augmentation_back_to_the_original_image() -> None:
         image[:, y1:y2, x1:x2] = 255
         images.append(image)
     cfg = TTAConfig(enabled=True, scales=[64, 150, 333], max_size=500, flip=True, main_scale=150)
-    out = DetectorWithTTA(BlobDetector(), preprocess, cfg)(images)
+    out = DetectorWithTTA(BlobDetector(), cfg, nearest_transform_for)(images)
     assert sorted(out.per_augmentation) == ["s150", "s150_flip", "s333", "s333_flip", "s64", "s64_flip"]
-    for name, preds in out.per_augmentation.items():
+    for preds in out.per_augmentation.values():
         for pred, box in zip(preds, boxes):
             # Nearest-neighbour resizing moves an edge by up to 1 / scale source pixels (64 / 100 here).
-            torch.testing.assert_close(pred["boxes"][0], torch.tensor(box, dtype=torch.float32), atol=1.6, rtol=0)
+            torch.testing.assert_close(
+                pred["boxes"][0], torch.tensor(box, dtype=torch.float32), atol=1.6, rtol=0
+            )
     for how in ("one_to_one", "nms"):
         for pred, box in zip(out.merged[how], boxes):
             assert pred["labels"].tolist() == [5]
-            torch.testing.assert_close(pred["boxes"][0], torch.tensor(box, dtype=torch.float32), atol=1.6, rtol=0)
+            torch.testing.assert_close(
+                pred["boxes"][0], torch.tensor(box, dtype=torch.float32), atol=1.6, rtol=0
+            )
     # Every augmentation agrees, so the one-to-one score is the full weighted mean (0.9).
     assert out.merged["one_to_one"][0]["scores"].item() == pytest.approx(0.9)

@@ -5,10 +5,11 @@ pixels and the dataset's own category ids (class index == category id in our mod
 with gaps pass through unchanged; a label outside the category table is dropped and counted).
 
 Boxes are rounded to :data:`BOX_DECIMALS` and scores to :data:`SCORE_DECIMALS` *before* scoring, and
-records are sorted by (image id, score descending, category id, box): the scored set is then a function
-of the rounded values alone, so fp32 noise between batch sizes or rank counts (below the rounding step)
-cannot reorder detections or change which detection matches, and ``detections.json`` and the metrics do
-not depend on the batch size or the number of ranks.
+records are sorted by (image id, score descending, category id, box), so the scored set and its order
+are a function of the rounded values alone: neither the order in which ranks or batches produced them
+nor a sub-step difference in the model's floats shows in ``detections.json`` or the metrics. (The
+engine also batches only same-size images, so on CPU the floats themselves do not depend on the batch;
+the rounding is the second line of defence, e.g. for GPU kernels whose results depend on batch size.)
 """
 
 from __future__ import annotations

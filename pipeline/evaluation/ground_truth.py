@@ -14,17 +14,11 @@ from typing import Any
 
 def image_record(sample_json: dict[str, Any]) -> dict[str, Any]:
     """The part of a shard sample's record that scoring needs: id, file name, size, annotations."""
-    missing = [
-        k
-        for k in ("id", "width", "height")
-        if k not in sample_json and not (k == "id" and "image_id" in sample_json)
-    ]
+    missing = [k for k in ("id", "width", "height") if k not in sample_json]
     if missing:
-        raise ValueError(
-            f"shard sample record lacks {missing}; was it written by `python -m pipeline shard`?"
-        )
+        raise ValueError(f"shard sample record lacks {missing}; was it written by the shard stage?")
     return {
-        "id": int(sample_json.get("id", sample_json.get("image_id"))),
+        "id": int(sample_json["id"]),
         "file_name": str(sample_json.get("file_name", "")),
         "width": int(sample_json["width"]),
         "height": int(sample_json["height"]),

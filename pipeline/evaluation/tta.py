@@ -18,13 +18,18 @@ detectron2's ``GeneralizedRCNNWithTTA``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torchvision import tv_tensors
 from torchvision.ops import batched_nms, box_iou
 
+from pipeline.data.collate import Batch, TransformedSample, collate
+from pipeline.data.transforms import EvalTransform, Target, eval_transform, make_target
 from pipeline.evaluation.config import TTAConfig
 
 Prediction = dict[str, Tensor]
@@ -192,31 +197,52 @@ def merge(
     raise ValueError(f"unknown TTA merge {how!r}; expected 'one_to_one' or 'nms'")
 
 
-def pad_batch(images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """Zero-pad normalised images (3, h_i, w_i) into (B, 3, H, W); also returns image_sizes (B, 2) (h, w)."""
-    if not images:
-        raise ValueError("pad_batch needs at least one image")
-    height = max(int(im.shape[1]) for im in images)
-    width = max(int(im.shape[2]) for im in images)
-    batch = images[0].new_zeros((len(images), 3, height, width))
-    for i, im in enumerate(images):
-        batch[i, :, : im.shape[1], : im.shape[2]] = im
-    sizes = torch.tensor([[int(im.shape[1]), int(im.shape[2])] for im in images], dtype=torch.int64)
-    return batch, sizes
+TransformFor = Callable[[Augmentation], Callable[[Tensor, Target], tuple[Tensor, Target]]]
+"""Augmentation -> a ``transform(image, target)`` in the data stage's convention: uint8
+``tv_tensors.Image`` (3, H, W) and a target (``make_target``) in, normalised float image (3, h', w')
+and the moved target out."""
 
 
-Preprocess = Callable[[Tensor, Augmentation], Tensor]
-"""Turns an original uint8 image (3, H, W) into the augmented, normalised float image (3, h', w')."""
+@functools.lru_cache(maxsize=64)
+def eval_transform_for(aug: Augmentation) -> EvalTransform:
+    """The data stage's evaluation transform at ``aug``'s size and flip (the default :data:`TransformFor`)."""
+    return eval_transform(aug.short_side, aug.max_size, aug.flip)
 
 
-def detect(detector: nn.Module, images: Sequence[Tensor]) -> tuple[dict[str, Tensor], list[Prediction]]:
-    """Run ``detector`` on normalised images (3, h_i, w_i): the raw outputs and per-image predictions in
-    each image's own pixels (its ``postprocess`` with target sizes = the unpadded sizes)."""
-    batch, sizes = pad_batch(images)
+def transform_sample(
+    transform_for: TransformFor, aug: Augmentation, image: Tensor, image_id: int, target: Target | None = None
+) -> TransformedSample:
+    """Apply ``aug`` to one original uint8 image (3, H, W) and its target (none: an empty one)."""
+    height, width = int(image.shape[-2]), int(image.shape[-1])
+    if target is None:
+        target = make_target(
+            torch.zeros(0, 4),
+            torch.zeros(0, dtype=torch.int64),
+            torch.zeros(0, dtype=torch.bool),
+            height,
+            width,
+        )
+    out_image, out_target = transform_for(aug)(tv_tensors.Image(image), target)
+    return TransformedSample(out_image.as_subclass(Tensor), out_target, image_id, (height, width))
+
+
+def detect(detector: nn.Module, samples: Sequence[TransformedSample]) -> tuple[Any, Batch, list[Prediction]]:
+    """Collate ``samples`` (the data stage's padding) and run ``detector``: its raw outputs, the batch,
+    and per-image predictions in each transformed image's own pixels (``postprocess`` with target sizes =
+    the unpadded sizes), on the CPU."""
+    batch = collate(samples)
     device = next(detector.parameters()).device
-    outputs = detector(batch.to(device), sizes.to(device))
-    predictions = detector.postprocess(outputs, sizes.to(device))
-    return outputs, [{k: v.detach().cpu() for k, v in p.items()} for p in predictions]
+    outputs = detector(batch.images.to(device), batch.image_sizes.to(device))
+    predictions = detector.postprocess(outputs, batch.image_sizes.to(device))
+    return outputs, batch, [{k: v.detach().cpu() for k, v in p.items()} for p in predictions]
+
+
+def to_original(predictions: Sequence[Prediction], batch: Batch, flip: bool) -> list[Prediction]:
+    """Predictions made on a batch's transformed images, with boxes mapped back to the original images."""
+    return [
+        {**p, "boxes": invert_boxes(p["boxes"], orig.tolist(), size.tolist(), flip)}
+        for p, orig, size in zip(predictions, batch.orig_sizes, batch.image_sizes)
+    ]
 
 
 @dataclass
@@ -230,15 +256,18 @@ class TTAOutput:
 class DetectorWithTTA(nn.Module):
     """A detector evaluated under several test-time augmentations whose boxes are inverted, then merged.
 
-    For each augmentation, the original images are preprocessed (resized, maybe flipped, normalised),
-    batched, detected, and each prediction's boxes are mapped back with :func:`invert_boxes`; then every
-    requested merge (:func:`merge`) combines the augmentations per image.
+    For each augmentation, the original images are transformed (resized, maybe flipped, normalised; the
+    data stage's eval transform by default), batched, detected, and each prediction's boxes are mapped
+    back with :func:`invert_boxes`; then every requested merge (:func:`merge`) combines the
+    augmentations per image.
     """
 
-    def __init__(self, detector: nn.Module, preprocess: Preprocess, cfg: TTAConfig) -> None:
+    def __init__(
+        self, detector: nn.Module, cfg: TTAConfig, transform_for: TransformFor = eval_transform_for
+    ) -> None:
         super().__init__()
         self.detector = detector
-        self.preprocess = preprocess
+        self.transform_for = transform_for
         self.cfg = cfg
         self.augmentations, self.main = augmentations_from_config(cfg)
 
@@ -247,12 +276,9 @@ class DetectorWithTTA(nn.Module):
         """images: original uint8 images (3, H_i, W_i). Returns a :class:`TTAOutput` for them."""
         per_aug: dict[str, list[Prediction]] = {}
         for aug in self.augmentations:
-            augmented = [self.preprocess(image, aug) for image in images]
-            _, predictions = detect(self.detector, augmented)
-            per_aug[aug.name] = [
-                {**p, "boxes": invert_boxes(p["boxes"], image.shape[-2:], aug_image.shape[-2:], aug.flip)}
-                for p, image, aug_image in zip(predictions, images, augmented)
-            ]
+            samples = [transform_sample(self.transform_for, aug, image, i) for i, image in enumerate(images)]
+            _, batch, predictions = detect(self.detector, samples)
+            per_aug[aug.name] = to_original(predictions, batch, aug.flip)
         merged = {
             how: [
                 merge(
