@@ -26,7 +26,7 @@ from typing import Any
 import ray
 
 from pipeline.data import rejects as R
-from pipeline.data.coco_source import check_source_paths, resolve_sources, sha256_file
+from pipeline.data.coco_source import AnnotationFileError, check_source_paths, resolve_sources, sha256_file
 from pipeline.data.config import ShardStageConfig
 from pipeline.data.manifest import (
     KEY_DIGITS,
@@ -376,3 +376,26 @@ def verify_shards(manifest_path: Path | str) -> VerifyReport:
             )
         report.samples += len(members)
     return report
+
+
+def run(cfg: ShardStageConfig) -> int:
+    """CLI entry of ``python -m pipeline shard``: shard a split, or with ``verify=true`` check it.
+
+    Returns the exit code: 0 done, 1 failed (the reason is printed), 3 verification found problems.
+    """
+    if cfg.verify:
+        report = verify_shards(cfg.split_dir / MANIFEST_NAME)
+        for problem in report.problems:
+            print(f"[verify] {problem}", flush=True)
+        print(
+            f"[verify] {report.manifest_path}: {report.shards_checked} shards, {report.samples} samples, "
+            f"{'OK' if report.ok else f'{len(report.problems)} problems'}",
+            flush=True,
+        )
+        return 0 if report.ok else 3
+    try:
+        run_shard(cfg)
+    except (AnnotationFileError, R.RejectFractionExceeded, ShardStageError) as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 1
+    return 0
