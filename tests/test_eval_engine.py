@@ -26,7 +26,8 @@ from torchvision.transforms import v2
 
 from pipeline.data.transforms import Target, resized_size
 from pipeline.evaluation.config import EvalConfig, TTAConfig
-from pipeline.evaluation.engine import EvalRun, EvalSample, average_top_k, evaluate, same_size_batches
+from pipeline.evaluation.engine import EvalRun, average_top_k, evaluate, same_size_batches
+from pipeline.evaluation.samples import EvalSample
 from pipeline.evaluation.tta import Augmentation
 
 CATEGORIES = [{"id": 1, "name": "person"}, {"id": 44, "name": "bottle"}, {"id": 90, "name": "toothbrush"}]

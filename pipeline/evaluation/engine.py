@@ -31,6 +31,7 @@ from pipeline.evaluation.coco_scoring import CocoMetrics, score
 from pipeline.evaluation.config import EvalConfig, TTAConfig
 from pipeline.evaluation.detections import sort_records, to_records
 from pipeline.evaluation.ground_truth import build_ground_truth
+from pipeline.evaluation.samples import EvalSample
 from pipeline.evaluation.tta import (
     Augmentation,
     DetectorWithTTA,
@@ -44,21 +45,6 @@ from pipeline.evaluation.tta import (
 log = logging.getLogger(__name__)
 
 PLAIN = "plain"
-
-
-@dataclass
-class EvalSample:
-    """One evaluation image: the decoded original and its record (:func:`ground_truth.image_record`)."""
-
-    image: Tensor
-    """uint8 (3, H, W), the original image."""
-    record: dict[str, Any]
-    """``id``, ``file_name``, ``width``, ``height``, ``annotations`` (COCO, the dataset's category ids)."""
-
-    @property
-    def image_id(self) -> int:
-        """The dataset's image id."""
-        return int(self.record["id"])
 
 
 AnchorDistances = Callable[[dict[str, Tensor], list[dict[str, Tensor]]], list[Tensor]]

@@ -1,0 +1,197 @@
+"""The evaluation stage end to end on CPU: the COCO sample as shards, the debug model, the files and their
+schema, the same metrics for batch 1 and batch 4, every image exactly once over ranks and workers."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from dino_core.builder import build_dino
+from dino_core.presets import preset
+from pipeline.data.manifest import (
+    SCHEMA_VERSION,
+    AnnotationFile,
+    Category,
+    Manifest,
+    ShardEntry,
+    load_manifest,
+    write_manifest,
+)
+from pipeline.evaluation.coco_scoring import STAT_NAMES
+from pipeline.evaluation.config import EvalConfig, TTAConfig
+from pipeline.evaluation.samples import eval_samples
+from pipeline.evaluation.stage import manifest_sha256, run_evaluation
+
+SAMPLE = Path(__file__).parent / "data" / "coco_sample"
+# Small sizes keep the debug model at ~0.1 s per image on two cores.
+EVAL = {"short_side": 160, "max_size": 256, "num_workers": 0, "draw_images": 3, "draw_score_threshold": 0.0}
+TTA = {"enabled": True, "scales": [128, 160], "max_size": 256, "flip": True, "main_scale": 160}
+
+
+def write_split(out: Path, images_per_shard: int = 5) -> Path:
+    """Shard the COCO sample by data contract 1 (WebDataset tar: ``<key>.jpg`` + ``<key>.json``) and write
+    its manifest (contract 2) with the data stage's dataclasses."""
+    with open(SAMPLE / "instances.json") as f:
+        coco = json.load(f)
+    anns: dict[int, list[dict[str, Any]]] = {}
+    for a in coco["annotations"]:
+        anns.setdefault(a["image_id"], []).append(
+            {k: a[k] for k in ("id", "category_id", "bbox", "area", "iscrowd")}
+        )
+    images = sorted(coco["images"], key=lambda im: im["id"])
+    out.mkdir(parents=True)
+    shards = []
+    for index in range(0, len(images), images_per_shard):
+        name = f"sample-val-{index // images_per_shard:06d}.tar"
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            for im in images[index : index + images_per_shard]:
+                record = {k: im[k] for k in ("id", "file_name", "width", "height")} | {
+                    "annotations": anns.get(im["id"], [])
+                }
+                for member, data in (
+                    (f"{im['id']:012d}.jpg", (SAMPLE / "images" / im["file_name"]).read_bytes()),
+                    (f"{im['id']:012d}.json", json.dumps(record).encode()),
+                ):
+                    info = tarfile.TarInfo(member)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        (out / name).write_bytes(buffer.getvalue())
+        chunk = images[index : index + images_per_shard]
+        shards.append(
+            ShardEntry(
+                name,
+                len(chunk),
+                sum(len(anns.get(im["id"], [])) for im in chunk),
+                len(buffer.getvalue()),
+                hashlib.sha256(buffer.getvalue()).hexdigest(),
+            )
+        )
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION,
+        dataset="sample",
+        split="val",
+        kind="coco_format",
+        num_samples=len(images),
+        num_annotations=len(coco["annotations"]),
+        shards=shards,
+        categories=[Category(c["id"], c["name"], c.get("supercategory", "")) for c in coco["categories"]],
+        annotation_files=[
+            AnnotationFile(
+                "instances.json", hashlib.sha256((SAMPLE / "instances.json").read_bytes()).hexdigest()
+            )
+        ],
+        rejects=[],
+        reject_counts={},
+    )
+    write_manifest(manifest, out / "manifest.json")
+    return out / "manifest.json"
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_split(tmp_path_factory.mktemp("shards") / "sample" / "val")
+
+
+@pytest.fixture(scope="module")
+def debug_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_dino(preset("debug")).eval()
+
+
+def categories_of(manifest_path: Path) -> list[dict[str, Any]]:
+    return [{"id": c.id, "name": c.name} for c in load_manifest(manifest_path).categories]
+
+
+@pytest.mark.parametrize(("world_size", "workers"), [(1, 0), (1, 2), (2, 2), (3, 1)])
+def test_every_image_exactly_once_over_ranks_and_workers(split: Path, world_size: int, workers: int) -> None:
+    manifest = load_manifest(split)
+    ids = [
+        s.image_id for rank in range(world_size) for s in eval_samples(manifest, rank, world_size, workers)
+    ]
+    assert sorted(ids) == sorted(
+        json.loads((SAMPLE / "instances.json").read_text())["images"][i]["id"] for i in range(12)
+    )
+    sample = next(iter(eval_samples(manifest, 0, 1, 0)))
+    assert sample.image.dtype == torch.uint8 and tuple(sample.image.shape[1:]) == (
+        sample.record["height"],
+        sample.record["width"],
+    )
+    assert all({"bbox", "area", "iscrowd", "category_id"} <= set(a) for a in sample.record["annotations"])
+
+
+def evaluate_split(model: torch.nn.Module, split: Path, out: Path, batch_size: int, tta: bool = True) -> Any:
+    manifest = load_manifest(split)
+    header = {
+        "checkpoint": {"path": "debug (random init)"},
+        "dataset": {"manifest": str(split), "manifest_sha256": manifest_sha256(manifest)},
+    }
+    return run_evaluation(
+        model,
+        eval_samples(manifest, 0, 1, 0),
+        categories_of(split),
+        EvalConfig(batch_size=batch_size, **EVAL),
+        TTAConfig(**{**TTA, "enabled": tta}),
+        out,
+        header,
+        expected_images=manifest.num_samples,
+    )
+
+
+def test_end_to_end_files_and_schema(debug_model: torch.nn.Module, split: Path, tmp_path: Path) -> None:
+    run = evaluate_split(debug_model, split, tmp_path, batch_size=2)
+    assert run is not None
+    for name in (
+        "metrics.json",
+        "detections.json",
+        "detections_tta.json",
+        "detections_tta_nms.json",
+        "pr_curve.png",
+    ):
+        assert (tmp_path / name).is_file(), name
+    assert sorted(p.name for p in (tmp_path / "drawn").iterdir()) == ["143.jpg", "30.jpg", "92.jpg"]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["num_images"] == 12 and metrics["schema_version"] == 1
+    assert metrics["dataset"]["manifest_sha256"] == hashlib.sha256(split.read_bytes()).hexdigest()
+    assert sorted(metrics["results"]) == ["plain", "tta_nms", "tta_one_to_one"]
+    table = {c["id"]: c["name"] for c in categories_of(split)}
+    for mode, block in metrics["results"].items():
+        for name in STAT_NAMES:
+            assert block[name] is None or 0.0 <= block[name] <= 1.0, (mode, name)
+        assert set(block["per_class_AP"]) == {str(i) for i in table}
+        assert all(v["name"] == table[int(k)] for k, v in block["per_class_AP"].items())
+        assert set(block["ATD"]) == {"k", "value", "num_distances", "reason"} and block["ATD"]["k"] == 100
+        assert block["ATD"]["value"] is not None or block["ATD"]["reason"]
+    assert metrics["settings"]["eval"]["batch_size"] == 2 and metrics["settings"]["world_size"] == 1
+    assert metrics["timing"]["images_per_s"] > 0
+    gt_ids = {int(k) for k in range(0)} | {
+        s["id"] for s in json.loads((SAMPLE / "instances.json").read_text())["images"]
+    }
+    for name in ("detections.json", "detections_tta.json", "detections_tta_nms.json"):
+        detections = json.loads((tmp_path / name).read_text())
+        assert detections, name
+        assert {d["image_id"] for d in detections} <= gt_ids
+        assert {d["category_id"] for d in detections} <= set(table)
+        assert all(len(d["bbox"]) == 4 and 0.0 <= d["score"] <= 1.0 for d in detections)
+    plain = json.loads((tmp_path / "detections.json").read_text())
+    per_image = {i: sum(d["image_id"] == i for d in plain) for i in gt_ids}
+    assert max(per_image.values()) <= preset("debug").num_select
+
+
+def test_metrics_do_not_depend_on_the_batch_size(
+    debug_model: torch.nn.Module, split: Path, tmp_path: Path
+) -> None:
+    for batch_size in (1, 4):
+        evaluate_split(debug_model, split, tmp_path / f"b{batch_size}", batch_size, tta=False)
+    one, four = (json.loads((tmp_path / f"b{b}" / "metrics.json").read_text()) for b in (1, 4))
+    assert one["results"] == four["results"] and one["num_images"] == four["num_images"] == 12
+    assert (tmp_path / "b1" / "detections.json").read_bytes() == (
+        tmp_path / "b4" / "detections.json"
+    ).read_bytes()
