@@ -1,0 +1,150 @@
+"""Hydra configuration of every command: typed stage schemas, model presets as config nodes, validation.
+
+Each command (``python -m pipeline <command>``) has a primary config ``conf/<command>.yaml`` whose
+defaults list starts with its schema node ``<command>_schema`` (the dataclass in :data:`COMMANDS`), so a
+wrong key, type or value fails at composition or in the dataclasses' ``__post_init__`` checks before any
+work starts. Model presets (``dino_core.presets``) are registered as the ``model`` group, so
+``model=dino_swinl_4scale`` picks a preset and ``model.num_queries=300`` overrides a field of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from dino_core.presets import PRESETS
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+class ConfigError(ValueError):
+    """A composed configuration that does not validate; the message names the key and the problem."""
+
+
+@dataclass(frozen=True)
+class Command:
+    """One CLI command: its primary config, its schema and the function that runs it."""
+
+    name: str
+    schema: str
+    """``module:Class`` of the root dataclass of the command's config."""
+    entry: str
+    """``module:function`` called with the validated config object; returns an exit code or None."""
+    help: str
+
+    @property
+    def config_name(self) -> str:
+        """The primary config file (``conf/<config_name>.yaml``) and the schema node's prefix."""
+        return self.name.replace("-", "_")
+
+    def schema_class(self) -> type:
+        """The schema dataclass (imported lazily: command modules may pull heavy libraries)."""
+        return _load(self.schema)
+
+    def entry_function(self) -> Callable[[Any], int | None]:
+        """The stage function."""
+        return _load(self.entry)
+
+
+COMMANDS: dict[str, Command] = {
+    command.name: command
+    for command in (
+        Command(
+            "model-info",
+            "pipeline.model_info:ModelInfoConfig",
+            "pipeline.model_info:run",
+            "print a model preset's parameter counts as one JSON object",
+        ),
+        Command(
+            "predict",
+            "pipeline.predict:PredictConfig",
+            "pipeline.predict:run",
+            "detect objects in a folder of images with an official or our own checkpoint",
+        ),
+    )
+}
+
+
+def _load(path: str) -> Any:
+    module, _, attribute = path.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def _unlocked(node: DictConfig | ListConfig) -> DictConfig | ListConfig:
+    # Frozen dataclasses become read-only config nodes, which Hydra could not override; the dataclasses
+    # are re-frozen (and re-validated) by OmegaConf.to_object.
+    OmegaConf.set_readonly(node, False)
+    keys = node.keys() if isinstance(node, DictConfig) else range(len(node))
+    for key in keys:
+        child = node._get_node(key)
+        if isinstance(child, DictConfig | ListConfig):
+            _unlocked(child)
+    return node
+
+
+def structured(obj: Any) -> DictConfig:
+    """A typed, overridable config node from a dataclass type or instance."""
+    return _unlocked(OmegaConf.structured(obj))
+
+
+def register() -> None:
+    """Register the model presets and every command's schema in Hydra's ConfigStore (idempotent)."""
+    store = ConfigStore.instance()
+    for name, model in PRESETS.items():
+        store.store(group="model", name=name, node=structured(model))
+    for command in COMMANDS.values():
+        store.store(name=f"{command.config_name}_schema", node=structured(command.schema_class()))
+
+
+def compose(command: str, overrides: list[str] | None = None) -> DictConfig:
+    """Compose a command's config as the CLI would (for tests and orchestration), without running it."""
+    register()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name=COMMANDS[command].config_name, overrides=overrides or [])
+
+
+def validate(cfg: DictConfig) -> Any:
+    """Turn a composed config into its schema's dataclass object, running every ``__post_init__`` check.
+
+    Raises:
+        ConfigError: naming the offending key and the problem.
+    """
+    try:
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"invalid configuration: {error}") from None
+    except (ValueError, TypeError, KeyError) as error:
+        raise ConfigError(f"invalid configuration: {error}") from None
+
+
+def to_yaml(config: Any) -> str:
+    """The resolved config of a validated config object as YAML (artifacts, completion records)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(config), resolve=True)
+
+
+def flatten(config: Any) -> dict[str, Any]:
+    """A validated config object as ``{"a.b.c": value}`` (MLflow params, completion-record keys)."""
+    flat: dict[str, Any] = {}
+
+    def visit(prefix: str, value: Any) -> None:
+        if dataclasses.is_dataclass(value):
+            for field in dataclasses.fields(value):
+                visit(f"{prefix}{field.name}.", getattr(value, field.name))
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                visit(f"{prefix}{key}.", item)
+        else:
+            flat[prefix[:-1]] = str(value) if isinstance(value, Path) else value
+
+    visit("", config)
+    return flat
