@@ -56,9 +56,27 @@ def ms_deform_attn_reference(
         # (N, Lq, M, P, 2) -> (N*M, Lq, P, 2)
         grid = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
         # (N*M, D, Lq, P)
-        sampled.append(F.grid_sample(value_map, grid, mode="bilinear", padding_mode="zeros", align_corners=False))
+        sampled.append(
+            F.grid_sample(value_map, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        )
     # (N*M, D, Lq, L*P) weighted by (N*M, 1, Lq, L*P)
     samples = torch.stack(sampled, dim=-2).flatten(-2)
     weights = attention_weights.to(acc).transpose(1, 2).reshape(n * m, 1, lq, levels * points)
     out = (samples * weights).sum(-1).view(n, m * d, lq)
     return out.transpose(1, 2).contiguous().to(value.dtype)
+
+
+def ms_deform_attn_from_logits_reference(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_logits: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`ms_deform_attn_reference` with the attention weights given as logits.
+
+    attention_logits (N, Lq, M, L, P) in value's dtype; the weights are their softmax over the L * P points
+    of each head. Returns (N, Lq, M * D) in ``value.dtype``.
+    """
+    weights = attention_logits.flatten(-2).softmax(-1).view_as(attention_logits)
+    return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, weights)

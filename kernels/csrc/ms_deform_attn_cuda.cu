@@ -1,0 +1,495 @@
+// Fused CUDA multi-scale deformable attention (forward and backward); shapes in ms_deform_attn.h.
+//
+// Design (written for DINO's shapes: M = 8 heads, D = 32 channels, L = 4-5 levels, P = 4 points, tens of
+// thousands of queries; tuned for sm_80 / sm_90, correct on any arch CUDA builds for):
+//
+// - Thread mapping. A group of TPH consecutive lanes (TPH = D / VEC rounded up to a power of two, at most
+//   32, so a group never straddles a warp) owns one (batch, query, head). Each lane owns VEC consecutive
+//   channels and reads them with one 16-byte load (VEC = 8 for fp16 / bf16, 4 for fp32, 2 for fp64), so the
+//   D channels of a corner are one coalesced segment. D not divisible by the 16-byte width falls back to
+//   VEC = 2 or 1 (D = 30 works); a head wider than 32 * VEC channels is walked in chunks of 32 * VEC.
+// - Geometry once per point: every lane computes the point's corner indices and bilinear weights itself
+//   (from a location all lanes of the group read from the same address, a broadcast) and reuses them for
+//   its VEC channels; recomputing is cheaper than sharing through shared memory and a barrier.
+// - Forward: no atomics; each output element is written by exactly one lane, in the value dtype, from an
+//   fp32 (fp64) accumulator.
+// - Backward, locations and weights: their gradients are sums over D, reduced with xor-shuffles inside the
+//   group (no shared memory, no atomics); lane 0 writes them. Every element is written, so no zero fill.
+// - Backward, value: a scatter. Lanes of one warp always hit distinct addresses (distinct channels or
+//   heads), so atomics only meet across warps that sample the same pixel, which at these shapes spreads
+//   over the L2 slices rather than serialising. sm_90 uses 16-byte vector atomics (one instruction per 4
+//   fp32 channels). fp16 / bf16 value gradients accumulate in an fp32 buffer rounded once at the end:
+//   packed half2 / bfloat162 atomics would round on every add.
+// - Softmax-inside variant (LOGITS): each lane computes the max and the sum of exponentials of its head's
+//   L * P logits (16 cached loads) and derives the weights on the fly; the backward applies the softmax
+//   Jacobian per head after the point loop, so no weight tensor is ever stored.
+// - Indexing: everything derived from the batch or query index is 64-bit; offsets inside one batch element
+//   of value are 32-bit (checked on the host: S * M * D < 2^31). Grid-stride loops cover any N * Lq.
+// - spatial_shapes / level_start_index stay on the device (no host sync); a level whose shape and start do
+//   not fit in S is skipped, so an inconsistent table cannot read out of bounds (the Python entry point
+//   checks the table when it lives on the CPU).
+// - Determinism: the value-gradient atomics make the summation order vary between runs, so under
+//   torch.use_deterministic_algorithms(True) the backward raises through alertNotDeterministic (a warning
+//   with warn_only=True), like PyTorch's own grid_sampler_2d_backward_cuda. The forward is deterministic.
+#include "ms_deform_attn.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/Atomic.cuh>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <initializer_list>
+#include <utility>
+
+// 16-byte vector atomicAdd(float4*) / (float2*) exist for sm_90 from CUDA 12.8 on (sm_90_rt.h).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && \
+    (__CUDACC_VER_MAJOR__ > 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 8))
+#define MSDA_VECTOR_ATOMICS 1
+#else
+#define MSDA_VECTOR_ATOMICS 0
+#endif
+
+namespace dino_kernels {
+namespace {
+
+constexpr int kMaxGroup = 32;  // lanes per (batch, query, head): one warp at most
+
+template <int BYTES>
+struct RawType;
+template <>
+struct RawType<2> {
+  using type = unsigned short;
+};
+template <>
+struct RawType<4> {
+  using type = unsigned int;
+};
+template <>
+struct RawType<8> {
+  using type = uint2;
+};
+template <>
+struct RawType<16> {
+  using type = uint4;
+};
+
+// VEC consecutive elements at p (aligned to their size) through the read-only cache, converted to acc_t.
+template <int VEC, typename T, typename acc_t>
+__device__ __forceinline__ void load_vec(const T* __restrict__ p, acc_t (&out)[VEC]) {
+  using Raw = typename RawType<sizeof(T) * VEC>::type;
+  const Raw raw = __ldg(reinterpret_cast<const Raw*>(p));
+  T vals[VEC];
+  memcpy(vals, &raw, sizeof(Raw));
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) out[i] = static_cast<acc_t>(vals[i]);
+}
+
+template <int VEC, typename T, typename acc_t>
+__device__ __forceinline__ void store_vec(T* __restrict__ p, const acc_t (&in)[VEC]) {
+  using Raw = typename RawType<sizeof(T) * VEC>::type;
+  T vals[VEC];
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) vals[i] = static_cast<T>(in[i]);
+  Raw raw;
+  memcpy(&raw, vals, sizeof(Raw));
+  *reinterpret_cast<Raw*>(p) = raw;
+}
+
+// p[i] += v[i] for VEC consecutive elements (p aligned to VEC * sizeof(acc_t) when VEC is 2 or a multiple of 4).
+template <int VEC>
+__device__ __forceinline__ void atomic_add_vec(float* p, const float (&v)[VEC]) {
+  static_assert(VEC == 1 || VEC == 2 || VEC % 4 == 0, "vector widths are 1, 2, 4 or 8");
+#if MSDA_VECTOR_ATOMICS
+  if constexpr (VEC % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < VEC; i += 4) {
+      atomicAdd(reinterpret_cast<float4*>(p + i), make_float4(v[i], v[i + 1], v[i + 2], v[i + 3]));
+    }
+  } else if constexpr (VEC == 2) {
+    atomicAdd(reinterpret_cast<float2*>(p), make_float2(v[0], v[1]));
+  } else {
+    gpuAtomicAddNoReturn(p, v[0]);
+  }
+#else
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) gpuAtomicAddNoReturn(p + i, v[i]);
+#endif
+}
+
+template <int VEC>
+__device__ __forceinline__ void atomic_add_vec(double* p, const double (&v)[VEC]) {
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) gpuAtomicAddNoReturn(p + i, v[i]);
+}
+
+__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
+__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
+
+// Max and 1 / sum(exp(x - max)) of one head's L * P logits.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void softmax_stats(const scalar_t* __restrict__ logits, int LP, acc_t& top,
+                                              acc_t& inv_total) {
+  top = static_cast<acc_t>(logits[0]);
+  for (int i = 1; i < LP; ++i) top = max(top, static_cast<acc_t>(logits[i]));
+  acc_t total = 0;
+  for (int i = 0; i < LP; ++i) total += exp_acc(static_cast<acc_t>(logits[i]) - top);
+  inv_total = acc_t(1) / total;
+}
+
+template <bool LOGITS, typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t weight_of(const scalar_t* __restrict__ attention, int lp, acc_t top,
+                                           acc_t inv_total) {
+  const acc_t x = static_cast<acc_t>(attention[lp]);
+  return LOGITS ? exp_acc(x - top) * inv_total : x;
+}
+
+// Sizes the kernels need, by value.
+struct Launch {
+  int64_t groups;  // N * Lq * M
+  int64_t Lq;
+  int S, M, D, L, P;
+  int group_log2;  // lanes per group = 1 << group_log2
+  int chunks;      // passes over D of (lanes * VEC) channels each
+};
+
+// Level l's (H, W, start), and whether it fits inside S (see the note at the top).
+struct LevelView {
+  int H, W, start;
+  bool ok;
+};
+
+__device__ __forceinline__ LevelView level_view(const int64_t* __restrict__ shapes,
+                                                const int64_t* __restrict__ starts, int l, int S) {
+  const int64_t H = __ldg(shapes + 2 * l), W = __ldg(shapes + 2 * l + 1), start = __ldg(starts + l);
+  const bool ok = H > 0 && W > 0 && start >= 0 && start + H * W <= S;
+  return ok ? LevelView{static_cast<int>(H), static_cast<int>(W), static_cast<int>(start), true}
+            : LevelView{0, 0, 0, false};
+}
+
+template <typename scalar_t, int VEC, bool LOGITS>
+__global__ void __launch_bounds__(256)
+    forward_kernel(const scalar_t* __restrict__ value, const int64_t* __restrict__ shapes,
+                   const int64_t* __restrict__ starts, const at::opmath_type<scalar_t>* __restrict__ loc,
+                   const scalar_t* __restrict__ attention, scalar_t* __restrict__ out, const Launch k) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int lanes = 1 << k.group_log2;
+  const int lane = threadIdx.x & (lanes - 1);
+  const int LP = k.L * k.P;
+  const int row = k.M * k.D;  // elements between neighbouring positions of one head
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; (t >> k.group_log2) < k.groups;
+       t += stride) {
+    const int64_t g = t >> k.group_log2;  // ((n * Lq + q) * M + m)
+    const int m = static_cast<int>(g % k.M);
+    const int64_t n = g / (k.Lq * k.M);
+    const acc_t* loc_g = loc + g * LP * 2;
+    const scalar_t* att_g = attention + g * LP;
+    acc_t top = 0, inv_total = 1;
+    if (LOGITS) softmax_stats(att_g, LP, top, inv_total);
+    const scalar_t* value_nm = value + n * k.S * row + m * k.D;
+    for (int chunk = 0; chunk < k.chunks; ++chunk) {
+      const int c0 = (chunk * lanes + lane) * VEC;
+      if (c0 >= k.D) break;  // idle lanes of the last chunk; the forward has no group-wide shuffles
+      acc_t acc[VEC];
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) acc[i] = 0;
+      for (int l = 0; l < k.L; ++l) {
+        const LevelView lv = level_view(shapes, starts, l, k.S);
+        if (!lv.ok) continue;
+        const scalar_t* value_l = value_nm + lv.start * row + c0;
+        for (int p = 0; p < k.P; ++p) {
+          const int lp = l * k.P + p;
+          Corners<acc_t> c;
+          if (!locate(__ldg(loc_g + 2 * lp), __ldg(loc_g + 2 * lp + 1), lv.H, lv.W, c)) continue;
+          const acc_t a = weight_of<LOGITS>(att_g, lp, top, inv_total);
+          const acc_t wx0 = 1 - c.fx, wx1 = c.fx, wy0 = 1 - c.fy, wy1 = c.fy;
+          auto add = [&](int x, int y, acc_t w) {
+            acc_t v[VEC];
+            load_vec<VEC>(value_l + (y * lv.W + x) * row, v);
+            const acc_t aw = a * w;
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) acc[i] += aw * v[i];
+          };
+          if (c.y0_in && c.x0_in) add(c.x0, c.y0, wx0 * wy0);
+          if (c.y0_in && c.x1_in) add(c.x0 + 1, c.y0, wx1 * wy0);
+          if (c.y1_in && c.x0_in) add(c.x0, c.y0 + 1, wx0 * wy1);
+          if (c.y1_in && c.x1_in) add(c.x0 + 1, c.y0 + 1, wx1 * wy1);
+        }
+      }
+      store_vec<VEC>(out + g * k.D + c0, acc);
+    }
+  }
+}
+
+// grad_value: (N, S, M, D) acc_t, zero-filled. grad_loc: (chunks, N, Lq, M, L, P, 2) acc_t and
+// grad_att: (chunks, N, Lq, M, L, P) acc_t, one slice per channel chunk (summed on the host when chunks > 1).
+template <typename scalar_t, int VEC, bool LOGITS>
+__global__ void __launch_bounds__(256)
+    backward_kernel(const scalar_t* __restrict__ grad_output, const scalar_t* __restrict__ value,
+                    const int64_t* __restrict__ shapes, const int64_t* __restrict__ starts,
+                    const at::opmath_type<scalar_t>* __restrict__ loc, const scalar_t* __restrict__ attention,
+                    at::opmath_type<scalar_t>* __restrict__ grad_value, at::opmath_type<scalar_t>* __restrict__ grad_loc,
+                    at::opmath_type<scalar_t>* __restrict__ grad_att, const Launch k) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int lanes = 1 << k.group_log2;
+  const int lane = threadIdx.x & (lanes - 1);
+  // The group's lanes inside the warp (blockDim is a multiple of 32 and groups are aligned to their size).
+  const unsigned group_mask =
+      lanes == kMaxGroup ? 0xffffffffu : ((1u << lanes) - 1u) << ((threadIdx.x & 31) & ~(lanes - 1));
+  const int LP = k.L * k.P;
+  const int row = k.M * k.D;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  // Every lane of a group has the same g, so groups enter and leave this loop together and the shuffles
+  // below always find all lanes of group_mask.
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; (t >> k.group_log2) < k.groups;
+       t += stride) {
+    const int64_t g = t >> k.group_log2;
+    const int m = static_cast<int>(g % k.M);
+    const int64_t n = g / (k.Lq * k.M);
+    const acc_t* loc_g = loc + g * LP * 2;
+    const scalar_t* att_g = attention + g * LP;
+    acc_t top = 0, inv_total = 1;
+    if (LOGITS) softmax_stats(att_g, LP, top, inv_total);
+    const int64_t value_offset = n * k.S * row + m * k.D;
+    for (int chunk = 0; chunk < k.chunks; ++chunk) {
+      const int c0 = (chunk * lanes + lane) * VEC;
+      const bool active = c0 < k.D;  // idle lanes still take part in the shuffles, with zeros
+      acc_t gout[VEC];
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) gout[i] = 0;
+      if (active) load_vec<VEC>(grad_output + g * k.D + c0, gout);
+      acc_t* grad_loc_g = grad_loc + (chunk * k.groups + g) * LP * 2;
+      acc_t* grad_att_g = grad_att + (chunk * k.groups + g) * LP;
+      acc_t inner = 0;  // sum over points of weight * d out / d weight (softmax Jacobian)
+      for (int l = 0; l < k.L; ++l) {
+        const LevelView lv = level_view(shapes, starts, l, k.S);
+        const scalar_t* value_l = value + value_offset + lv.start * row + c0;
+        acc_t* grad_value_l = grad_value + value_offset + lv.start * row + c0;
+        for (int p = 0; p < k.P; ++p) {
+          const int lp = l * k.P + p;
+          acc_t ga = 0, gx = 0, gy = 0;
+          Corners<acc_t> c;
+          // Uniform across the group: every lane reads the same location.
+          if (lv.ok && locate(__ldg(loc_g + 2 * lp), __ldg(loc_g + 2 * lp + 1), lv.H, lv.W, c)) {
+            const acc_t a = weight_of<LOGITS>(att_g, lp, top, inv_total);
+            const acc_t wx0 = 1 - c.fx, wx1 = c.fx, wy0 = 1 - c.fy, wy1 = c.fy;
+            auto corner = [&](int x, int y, acc_t w, acc_t dw_dx, acc_t dw_dy) {
+              if (!active) return;
+              const int offset = (y * lv.W + x) * row;
+              acc_t v[VEC], scaled[VEC];
+              load_vec<VEC>(value_l + offset, v);
+              acc_t d = 0;
+              const acc_t aw = a * w;
+#pragma unroll
+              for (int i = 0; i < VEC; ++i) {
+                d += gout[i] * v[i];
+                scaled[i] = aw * gout[i];
+              }
+              atomic_add_vec<VEC>(grad_value_l + offset, scaled);
+              ga += w * d;
+              gx += dw_dx * d;
+              gy += dw_dy * d;
+            };
+            if (c.y0_in && c.x0_in) corner(c.x0, c.y0, wx0 * wy0, -wy0, -wx0);
+            if (c.y0_in && c.x1_in) corner(c.x0 + 1, c.y0, wx1 * wy0, wy0, -wx1);
+            if (c.y1_in && c.x0_in) corner(c.x0, c.y0 + 1, wx0 * wy1, -wy1, wx0);
+            if (c.y1_in && c.x1_in) corner(c.x0 + 1, c.y0 + 1, wx1 * wy1, wy1, wx1);
+#pragma unroll
+            for (int offset = kMaxGroup / 2; offset > 0; offset >>= 1) {
+              if (offset < lanes) {
+                ga += __shfl_xor_sync(group_mask, ga, offset, lanes);
+                gx += __shfl_xor_sync(group_mask, gx, offset, lanes);
+                gy += __shfl_xor_sync(group_mask, gy, offset, lanes);
+              }
+            }
+            gx *= a * static_cast<acc_t>(lv.W);
+            gy *= a * static_cast<acc_t>(lv.H);
+            inner += a * ga;
+          }
+          if (lane == 0) {
+            grad_att_g[lp] = ga;
+            grad_loc_g[2 * lp] = gx;
+            grad_loc_g[2 * lp + 1] = gy;
+          }
+        }
+      }
+      if (LOGITS && k.chunks == 1 && lane == 0) {
+        // grad_logit_i = w_i * (grad_w_i - sum_j w_j grad_w_j); lane 0 rereads what it wrote above.
+        for (int lp = 0; lp < LP; ++lp) {
+          const acc_t w = weight_of<true>(att_g, lp, top, inv_total);
+          grad_att_g[lp] = w * (grad_att_g[lp] - inner);
+        }
+      }
+    }
+  }
+}
+
+// Largest of {16 bytes, 2, 1} elements per lane that divides D and keeps every pointer aligned.
+template <typename scalar_t>
+int vector_width(int64_t D, std::initializer_list<const void*> pointers) {
+  constexpr int widest = 16 / sizeof(scalar_t);
+  for (const int vec : {widest, 2, 1}) {
+    if (D % vec != 0) continue;
+    bool aligned = true;
+    for (const void* p : pointers) aligned = aligned && reinterpret_cast<uintptr_t>(p) % (vec * sizeof(scalar_t)) == 0;
+    if (aligned) return vec;
+  }
+  return 1;
+}
+
+template <typename scalar_t, typename F>
+void with_vector_width(int vec, const F& f) {
+  constexpr int widest = 16 / sizeof(scalar_t);
+  if (vec == widest) {
+    f(std::integral_constant<int, widest>{});
+  } else if (vec == 2) {
+    f(std::integral_constant<int, 2>{});
+  } else {
+    f(std::integral_constant<int, 1>{});
+  }
+}
+
+Launch make_launch(const Sizes& s, int vec) {
+  const int64_t vectors = s.D / vec;
+  int group_log2 = 0;
+  while ((1 << group_log2) < vectors && (1 << group_log2) < kMaxGroup) ++group_log2;
+  const int64_t per_chunk = (int64_t{1} << group_log2) * vec;
+  return Launch{s.N * s.Lq * s.M,
+                s.Lq,
+                static_cast<int>(s.S),
+                static_cast<int>(s.M),
+                static_cast<int>(s.D),
+                static_cast<int>(s.L),
+                static_cast<int>(s.P),
+                group_log2,
+                static_cast<int>((s.D + per_chunk - 1) / per_chunk)};
+}
+
+// Blocks of 256 threads (128 when that leaves fewer than two blocks per SM, e.g. the decoder's ~1k queries),
+// at most 32 blocks per SM; the grid-stride loops cover the rest. (c10's stream and the runtime's attribute
+// query rather than ATen/cuda/CUDAContext.h, whose cuBLAS / cuSPARSE includes a bare nvcc install lacks.)
+std::pair<dim3, dim3> grid_for(const Launch& k, c10::DeviceIndex device) {
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int64_t total = k.groups << k.group_log2;
+  int threads = 256;
+  if ((total + threads - 1) / threads < 2 * sms) threads = 128;
+  const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, int64_t{32} * sms);
+  return {dim3(static_cast<unsigned>(blocks)), dim3(threads)};
+}
+
+at::Tensor forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+                        const at::Tensor& sampling_locations, const at::Tensor& attention, bool logits) {
+  const Sizes s = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention,
+                               logits ? "attention_logits" : "attention_weights");
+  TORCH_CHECK(value.is_cuda(), "ms_deform_attn_forward_cuda: tensors must be on a CUDA device");
+  const c10::cuda::CUDAGuard guard(value.device());
+  const at::Tensor v = value.contiguous();
+  const at::Tensor shapes = spatial_shapes.contiguous();
+  const at::Tensor starts = level_start_index.contiguous();
+  const at::Tensor loc = sampling_locations.contiguous();
+  const at::Tensor att = attention.contiguous();
+  at::Tensor out = at::empty({s.N, s.Lq, s.M * s.D}, value.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "ms_deform_attn_forward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int vec = vector_width<scalar_t>(s.D, {v.data_ptr(), out.data_ptr()});
+    with_vector_width<scalar_t>(vec, [&](auto width) {
+      constexpr int VEC = decltype(width)::value;
+      const Launch k = make_launch(s, VEC);
+      const auto [blocks, threads] = grid_for(k, value.device().index());
+      auto kernel = logits ? forward_kernel<scalar_t, VEC, true> : forward_kernel<scalar_t, VEC, false>;
+      kernel<<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          v.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), loc.data_ptr<acc_t>(),
+          att.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), k);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index, const at::Tensor& sampling_locations, const at::Tensor& attention,
+    bool logits) {
+  const Sizes s = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention,
+                               logits ? "attention_logits" : "attention_weights");
+  check_grad_output(grad_output, value, s);
+  TORCH_CHECK(value.is_cuda(), "ms_deform_attn_backward_cuda: tensors must be on a CUDA device");
+  at::globalContext().alertNotDeterministic("ms_deform_attn_backward_cuda");
+  const c10::cuda::CUDAGuard guard(value.device());
+  const at::Tensor gout = grad_output.contiguous();
+  const at::Tensor v = value.contiguous();
+  const at::Tensor shapes = spatial_shapes.contiguous();
+  const at::Tensor starts = level_start_index.contiguous();
+  const at::Tensor loc = sampling_locations.contiguous();
+  const at::Tensor att = attention.contiguous();
+  const auto acc_type = value.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_options = value.options().dtype(acc_type);
+  at::Tensor grad_value = at::zeros(value.sizes(), acc_options);
+  at::Tensor grad_loc, grad_att;
+  int chunks = 1;
+  if (s.N * s.Lq > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "ms_deform_attn_backward_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const int vec = vector_width<scalar_t>(s.D, {v.data_ptr(), gout.data_ptr()});
+      with_vector_width<scalar_t>(vec, [&](auto width) {
+        constexpr int VEC = decltype(width)::value;
+        const Launch k = make_launch(s, VEC);
+        chunks = k.chunks;
+        grad_loc = at::empty({k.chunks, s.N, s.Lq, s.M, s.L, s.P, 2}, acc_options);
+        grad_att = at::empty({k.chunks, s.N, s.Lq, s.M, s.L, s.P}, acc_options);
+        const auto [blocks, threads] = grid_for(k, value.device().index());
+        auto kernel = logits ? backward_kernel<scalar_t, VEC, true> : backward_kernel<scalar_t, VEC, false>;
+        kernel<<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+            gout.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(),
+            starts.data_ptr<int64_t>(), loc.data_ptr<acc_t>(), att.data_ptr<scalar_t>(),
+            grad_value.data_ptr<acc_t>(), grad_loc.data_ptr<acc_t>(), grad_att.data_ptr<acc_t>(), k);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  } else {
+    grad_loc = at::zeros({1, s.N, s.Lq, s.M, s.L, s.P, 2}, acc_options);
+    grad_att = at::zeros({1, s.N, s.Lq, s.M, s.L, s.P}, acc_options);
+  }
+  at::Tensor grad_loc_total = chunks == 1 ? grad_loc.select(0, 0) : grad_loc.sum(0);
+  at::Tensor grad_att_total = chunks == 1 ? grad_att.select(0, 0) : grad_att.sum(0);
+  if (logits && chunks > 1) {
+    // The kernel applies the softmax Jacobian itself only when one chunk saw the whole head.
+    const at::Tensor w = att.to(acc_type).flatten(3).softmax(-1).view_as(grad_att_total);
+    const at::Tensor gw = grad_att_total;
+    grad_att_total = w * (gw - (w * gw).flatten(3).sum(-1).view({s.N, s.Lq, s.M, 1, 1}));
+  }
+  return {grad_value.to(value.scalar_type()), grad_loc_total, grad_att_total.to(attention.scalar_type())};
+}
+
+at::Tensor forward_weights_cuda(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                                const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+                                const at::Tensor& attention_weights) {
+  return forward_cuda(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, false);
+}
+
+at::Tensor forward_logits_cuda(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                               const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+                               const at::Tensor& attention_logits) {
+  return forward_cuda(value, spatial_shapes, level_start_index, sampling_locations, attention_logits, true);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dino_kernels, CUDA, m) {
+  m.impl("ms_deform_attn", &forward_weights_cuda);
+  m.impl("ms_deform_attn_from_logits", &forward_logits_cuda);
+  m.impl("ms_deform_attn_backward", &backward_cuda);
+}
+
+}  // namespace dino_kernels
