@@ -138,7 +138,8 @@ def _draw(
 def _place(
     rng: np.random.Generator, width: int, height: int, taken: list[tuple[int, int, int, int]]
 ) -> tuple[int, int, int, int] | None:
-    band = SIZE_BANDS[int(rng.integers(len(SIZE_BANDS)))]
+    bands = [band for band in SIZE_BANDS if band[0] <= min(width, height) - 2]
+    band = bands[int(rng.integers(len(bands)))]
     for _ in range(30):
         side = int(rng.integers(band[0], min(band[1], width - 2, height - 2) + 1))
         aspect = rng.uniform(0.75, 1.33)

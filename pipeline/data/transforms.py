@@ -39,16 +39,18 @@ def resized_size(height: int, width: int, short: int, max_size: int | None) -> t
     """Output ``(h, w)`` when the short side goes to ``short`` and the long side stays <= ``max_size``.
 
     The official rule: the short side is lowered first so the long side fits (rounded), then the long
-    side follows the aspect ratio (truncated); an image already at that short side is left alone.
+    side follows the aspect ratio (truncated); an image already at that short side is left alone. Unlike
+    the official code, the long side is then capped, so rounding can never take it past ``max_size``.
     """
     small, large = min(height, width), max(height, width)
     if max_size is not None and large / small * short > max_size:
         short = round(max_size * small / large)
     if small == short:
         return height, width
-    if width < height:
-        return int(short * height / width), short
-    return short, int(short * width / height)
+    long = int(short * large / small)
+    if max_size is not None:
+        long = min(long, max_size)
+    return (long, short) if width < height else (short, long)
 
 
 class ResizeShortSide(v2.Transform):
@@ -116,29 +118,30 @@ def _finish() -> list[v2.Transform]:
     ]
 
 
-def train_transform(scale: float = 1.0) -> v2.Transform:
-    """The DINO training augmentation; ``scale`` 1.0 for pretraining, 1.5 for fine-tuning."""
+def train_transform(scale: float = 1.0, branch: int | None = None) -> v2.Transform:
+    """The DINO training augmentation; ``scale`` 1.0 for pretraining, 1.5 for fine-tuning.
+
+    ``branch``: None draws the multi-scale resize or the crop branch with probability 1/2 each (the
+    recipe); 0 or 1 always takes that one (tests, debugging).
+    """
     if scale <= 0:
         raise ValueError(f"train_transform scale must be > 0, got {scale}")
     sides = [round(s * scale) for s in TRAIN_SHORT_SIDES]
     max_size = round(TRAIN_MAX_SIZE * scale)
     crop_sides = [round(s * scale) for s in CROP_BRANCH_SHORT_SIDES]
     low, high = (round(s * scale) for s in CROP_SIZE_RANGE)
+    branches = [
+        ResizeShortSide(sides, max_size),
+        v2.Compose(
+            [ResizeShortSide(crop_sides), RandomSizeCrop(low, high), ResizeShortSide(sides, max_size)]
+        ),
+    ]
+    if branch not in (None, 0, 1):
+        raise ValueError(f"train_transform branch must be None, 0 or 1, got {branch}")
     return v2.Compose(
         [
             v2.RandomHorizontalFlip(0.5),
-            v2.RandomChoice(
-                [
-                    ResizeShortSide(sides, max_size),
-                    v2.Compose(
-                        [
-                            ResizeShortSide(crop_sides),
-                            RandomSizeCrop(low, high),
-                            ResizeShortSide(sides, max_size),
-                        ]
-                    ),
-                ]
-            ),
+            v2.RandomChoice(branches) if branch is None else branches[branch],
             *_finish(),
         ]
     )

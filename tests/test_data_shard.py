@@ -1,0 +1,355 @@
+"""The shard stage: COCO round trip, Objects365 faults, rejects, bad annotation files, manifests, verify."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.data.coco_source import AnnotationFileError
+from pipeline.data.config import DatasetConfig, ShardConfig, ShardStageConfig
+from pipeline.data.manifest import ManifestError, load_manifest
+from pipeline.data.rejects import RejectFractionExceeded
+from pipeline.data.shard import run_shard, verify_shards
+from pipeline.data.stream import iter_shard
+
+
+def _coco_cfg(out: Path, coco_sample: Path, **shard: object) -> ShardStageConfig:
+    return ShardStageConfig(
+        out=out,
+        dataset=DatasetConfig(
+            kind="coco_format",
+            name="sample",
+            images=coco_sample / "images",
+            annotations=coco_sample / "instances.json",
+        ),
+        shard=ShardConfig(**shard),  # type: ignore[arg-type]
+    )
+
+
+def _read_split(manifest_path: Path) -> dict[str, dict]:
+    manifest = load_manifest(manifest_path)
+    samples: dict[str, dict] = {}
+    for url in manifest.shard_locations():
+        for raw in iter_shard(url):
+            assert raw["__key__"] not in samples, f"duplicate sample {raw['__key__']}"
+            samples[raw["__key__"]] = raw
+    return samples
+
+
+def test_coco_sample_round_trip(coco_sample_shards: Path, coco_sample: Path) -> None:
+    source = json.loads((coco_sample / "instances.json").read_text())
+    samples = _read_split(coco_sample_shards)
+    assert sorted(samples) == sorted(f"{image['id']:012d}" for image in source["images"])
+    by_image: dict[int, list[dict]] = {}
+    for ann in source["annotations"]:
+        by_image.setdefault(ann["image_id"], []).append(ann)
+    crowd = 0
+    for image in source["images"]:
+        raw = samples[f"{image['id']:012d}"]
+        file_bytes = (coco_sample / "images" / image["file_name"]).read_bytes()
+        assert hashlib.sha256(raw["jpg"]).digest() == hashlib.sha256(file_bytes).digest()
+        record = json.loads(raw["json"])
+        assert (record["id"], record["file_name"], record["width"], record["height"]) == (
+            image["id"],
+            image["file_name"],
+            image["width"],
+            image["height"],
+        )
+        assert record["annotations"] == by_image.get(image["id"], [])
+        crowd += sum(a["iscrowd"] for a in record["annotations"])
+    assert crowd == 2
+    manifest = load_manifest(coco_sample_shards)
+    assert manifest.num_samples == 12 and manifest.num_annotations == 84
+    assert len(manifest.shards) == 6 and [s.num_samples for s in manifest.shards] == [2] * 6
+    assert manifest.rejects == [] and manifest.reject_counts == {}
+    assert {c.id: c.name for c in manifest.categories}[1] == "person"
+    assert (
+        manifest.annotation_files[0].sha256
+        == hashlib.sha256((coco_sample / "instances.json").read_bytes()).hexdigest()
+    )
+    report = verify_shards(coco_sample_shards)
+    assert report.ok and report.samples == 12 and report.shards_checked == 6
+
+
+def test_rerun_over_finished_output_does_nothing(
+    coco_sample_shards: Path, coco_sample: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = coco_sample_shards.read_bytes()
+    mtimes = {p: p.stat().st_mtime_ns for p in coco_sample_shards.parent.iterdir()}
+    summary = run_shard(_coco_cfg(coco_sample_shards.parents[2], coco_sample, images_per_shard=2))
+    assert summary.already_complete and summary.shards_written == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert coco_sample_shards.read_bytes() == before
+    assert {p: p.stat().st_mtime_ns for p in coco_sample_shards.parent.iterdir()} == mtimes
+
+
+def test_other_settings_over_finished_output_fail(coco_sample_shards: Path, coco_sample: Path) -> None:
+    with pytest.raises(Exception, match="other input or settings"):
+        run_shard(_coco_cfg(coco_sample_shards.parents[2], coco_sample, images_per_shard=3))
+
+
+def test_verify_finds_a_corrupt_shard(coco_sample_shards: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "split"
+    shutil.copytree(coco_sample_shards.parent, copy)
+    victim = copy / load_manifest(coco_sample_shards).shards[3].name
+    data = bytearray(victim.read_bytes())
+    data[2000] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    report = verify_shards(copy / "manifest.json")
+    assert not report.ok and len(report.problems) == 1 and victim.name in report.problems[0]
+
+
+def test_target_bytes_partition(ray_session, coco_sample: Path, tmp_path: Path) -> None:
+    target_mb = 0.2
+    summary = run_shard(_coco_cfg(tmp_path, coco_sample, target_shard_mb=target_mb))
+    manifest = load_manifest(summary.manifest_path)
+    sizes = {
+        f"{i['id']:012d}": (coco_sample / "images" / i["file_name"]).stat().st_size
+        for i in json.loads((coco_sample / "instances.json").read_text())["images"]
+    }
+    keys = sorted(sizes)
+    cut, position = [], 0
+    for shard in manifest.shards:
+        members = keys[position : position + shard.num_samples]
+        position += shard.num_samples
+        cut.append(sum(sizes[k] for k in members))
+        assert len(members) == 1 or cut[-1] <= target_mb * 2**20
+    assert position == 12 and len(manifest.shards) > 1
+    # Greedy: no shard could have taken the next shard's first image.
+    for shard_bytes, nxt in zip(cut, np.cumsum([0] + [s.num_samples for s in manifest.shards])[1:-1]):
+        assert shard_bytes + sizes[keys[nxt]] > target_mb * 2**20
+
+
+def _jpeg(width: int, height: int, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def make_o365_fixture(root: Path) -> None:
+    """An Objects365-layout dataset carrying each known fault (see the expectations in the tests)."""
+
+    def image(image_id: int, version: int = 1, patch: int = 0, w: int = 64, h: int = 48) -> dict:
+        return {
+            "id": image_id,
+            "width": w,
+            "height": h,
+            "file_name": f"images/v{version}/patch{patch}/objects365_v{version}_{image_id:08d}.jpg",
+        }
+
+    def write(record: dict, data: bytes) -> None:
+        path = root / record["file_name"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+    def ann(ann_id: int, image_id: int, bbox: list, cat: int = 1, **extra: object) -> dict:
+        return {
+            "id": ann_id,
+            "image_id": image_id,
+            "category_id": cat,
+            "bbox": bbox,
+            "area": bbox[2] * bbox[3] if all(np.isfinite(bbox)) else 0.0,
+            "iscrowd": 0,
+            "isfake": 0,
+            "isreflected": 0,
+            **extra,
+        }
+
+    categories = [{"id": 1, "name": "person"}, {"id": 2, "name": "sneakers"}, {"id": 3, "name": "chair"}]
+    train_images = [image(101), image(102), image(103), image(104), image(106, 2, 1), image(107)]
+    for record in (train_images[0], train_images[4]):
+        write(record, _jpeg(64, 48, record["id"]))
+    write(train_images[2], _jpeg(64, 48, 103)[:300])  # truncated
+    write(
+        train_images[3], bytes(np.random.default_rng(4).integers(0, 255, 900, dtype=np.uint8))
+    )  # not an image
+    write(train_images[5], _jpeg(32, 32, 107))  # the record says 64x48
+    unsafe = {"id": 105, "width": 64, "height": 48, "file_name": "../../outside.jpg"}
+    train_annotations = [
+        ann(1, 101, [5.0, 5.0, 10.0, 10.0], isreflected=1),
+        ann(2, 101, [5.0, 5.0, 10.0, 10.0], isreflected=1),  # exact duplicate of 1
+        ann(3, 101, [50.0, 30.0, 30.0, 30.0], cat=2, isfake=1),  # clipped to 14 x 18
+        ann(4, 101, [10.0, 10.0, 0.0, 5.0]),  # zero area
+        ann(5, 101, [70.0, 10.0, 5.0, 5.0]),  # wholly outside: no area once clipped
+        ann(6, 101, [1.0, 1.0, 5.0, 5.0], cat=999),  # unknown category
+        ann(7, 101, [float("nan"), 1.0, 5.0, 5.0]),  # non-finite
+        ann(8, 106, [0.0, 0.0, 64.0, 48.0], cat=3),
+        ann(9, 106, [2.0, 2.0, 20.0, 20.0], iscrowd=1),
+        ann(10, 999, [1.0, 1.0, 5.0, 5.0]),  # unknown image
+        ann(11, 102, [1.0, 1.0, 5.0, 5.0]),  # image missing: goes with the image
+    ]
+    train = {
+        "images": [*train_images[:4], unsafe, *train_images[4:]],
+        "annotations": train_annotations,
+        "categories": categories,
+    }
+    # Val images in file order 203, 201, 204, 202: the holdout takes the lowest ids, 201 and 202.
+    val_images = [image(i, 2, 3) for i in (203, 201, 204, 202)]
+    for record in val_images:
+        write(record, _jpeg(64, 48, record["id"]))
+    val = {
+        "images": val_images,
+        "annotations": [ann(20 + i, i, [1.0, 2.0, 3.0, 4.0]) for i in (201, 202, 203, 204)],
+        "categories": categories,
+    }
+    (root / "zhiyuan_objv2_train.json").write_text(json.dumps(train))  # NaN written as the NaN literal
+    (root / "zhiyuan_objv2_val.json").write_text(json.dumps(val))
+
+
+def _o365_cfg(root: Path, out: Path, split: str, max_reject_fraction: float) -> ShardStageConfig:
+    return ShardStageConfig(
+        out=out,
+        dataset=DatasetConfig(kind="o365", root=root, split=split, o365_val_holdout=2),
+        shard=ShardConfig(images_per_shard=3, max_reject_fraction=max_reject_fraction),
+    )
+
+
+def test_objects365_faults(ray_session, tmp_path: Path) -> None:
+    root = tmp_path / "o365"
+    make_o365_fixture(root)
+    summary = run_shard(_o365_cfg(root, tmp_path / "out", "train", 1.0))
+    manifest = load_manifest(summary.manifest_path)
+    assert summary.manifest_path == tmp_path / "out" / "o365" / "train" / "manifest.json"
+    got = {(r.image_id, r.annotation_id, r.reason) for r in manifest.rejects}
+    assert got == {
+        (101, 2, "duplicate_annotation"),
+        (101, 4, "zero_area_box"),
+        (101, 5, "zero_area_box"),
+        (101, 6, "unknown_category"),
+        (101, 7, "non_finite_box"),
+        (102, None, "missing_image"),
+        (103, None, "undecodable_image"),
+        (104, None, "undecodable_image"),
+        (105, None, "unsafe_file_name"),
+        (107, None, "size_mismatch"),
+        (999, 10, "unknown_image"),
+    }
+    assert len(manifest.rejects) == len(got)
+    assert manifest.reject_counts == {
+        "box_clipped": 1,
+        "duplicate_annotation": 1,
+        "missing_image": 1,
+        "non_finite_box": 1,
+        "size_mismatch": 1,
+        "undecodable_image": 2,
+        "unknown_category": 1,
+        "unknown_image": 1,
+        "unsafe_file_name": 1,
+        "zero_area_box": 2,
+    }
+    samples = {int(k): json.loads(raw["json"]) for k, raw in _read_split(summary.manifest_path).items()}
+    assert sorted(samples) == [101, 106, 203, 204]
+    kept_101 = samples[101]["annotations"]
+    assert [a["id"] for a in kept_101] == [1, 3]
+    assert kept_101[0]["bbox"] == [5.0, 5.0, 10.0, 10.0] and kept_101[0]["isreflected"] == 1
+    assert kept_101[1]["bbox"] == [50.0, 30.0, 14.0, 18.0] and kept_101[1]["area"] == 14.0 * 18.0
+    assert kept_101[1]["isfake"] == 1 and "isreflected" in kept_101[1]
+    assert [(a["id"], a["iscrowd"]) for a in samples[106]["annotations"]] == [(8, 0), (9, 1)]
+    assert samples[106]["file_name"] == "images/v2/patch1/objects365_v2_00000106.jpg"
+    assert manifest.num_annotations == 2 + 2 + 1 + 1
+    assert [a.path for a in manifest.annotation_files] == [
+        str(root / "zhiyuan_objv2_train.json"),
+        str(root / "zhiyuan_objv2_val.json"),
+    ]
+
+    val = run_shard(_o365_cfg(root, tmp_path / "out", "val", 1.0))
+    val_samples = _read_split(val.manifest_path)
+    assert sorted(int(k) for k in val_samples) == [201, 202]
+    assert load_manifest(val.manifest_path).rejects == []
+
+
+def test_reject_fraction_fails_with_summary(ray_session, tmp_path: Path) -> None:
+    root = tmp_path / "o365"
+    make_o365_fixture(root)
+    cfg = _o365_cfg(root, tmp_path / "out", "train", 0.2)
+    with pytest.raises(RejectFractionExceeded) as failure:
+        run_shard(cfg)
+    text = str(failure.value)
+    assert "max_reject_fraction=0.2" in text and "rejected 5 of 9 images" in text
+    assert "missing_image: 1" in text and "undecodable_image: 2" in text
+    assert not (cfg.split_dir / "manifest.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[1, 2, 3]", "top level must be an object"),
+        (
+            '{"images": [{"id": 1, "file_name": "a.jpg", "width": 4, "height": 4}], "annotations": [',
+            "not valid JSON",
+        ),
+        (
+            '{"images": [{"id": "one", "file_name": "a.jpg"}], "annotations": [], "categories": []}',
+            r"images\[0\] is not a COCO image record",
+        ),
+        ('{"info": {}, "annotations": []}', "no images"),
+        (
+            '{"images": [{"id": 1, "file_name": "a.jpg", "width": 4, "height": 4}], "annotations": []}',
+            "no categories",
+        ),
+    ],
+)
+def test_not_coco_json_fails_at_once_naming_the_file(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "broken.json"
+    path.write_text(text)
+    cfg = ShardStageConfig(
+        out=tmp_path / "out",
+        dataset=DatasetConfig(images=tmp_path, annotations=path),
+        shard=ShardConfig(images_per_shard=1),
+    )
+    with pytest.raises(AnnotationFileError, match=message) as failure:
+        run_shard(cfg)
+    assert str(path) in str(failure.value)
+    assert not (cfg.split_dir / "manifest.json").exists()
+
+
+def test_missing_inputs_fail_before_work(tmp_path: Path) -> None:
+    cfg = ShardStageConfig(
+        out=tmp_path, dataset=DatasetConfig(images=tmp_path, annotations=tmp_path / "no.json")
+    )
+    with pytest.raises(AnnotationFileError, match="annotation file not found"):
+        run_shard(cfg)
+
+
+@pytest.mark.parametrize(
+    ("build", "key"),
+    [
+        (lambda: ShardConfig(images_per_shard=0), "shard.images_per_shard"),
+        (lambda: ShardConfig(max_reject_fraction=1.5), "shard.max_reject_fraction"),
+        (lambda: ShardConfig(decode_check="maybe"), "shard.decode_check"),
+        (lambda: DatasetConfig(kind="voc"), "dataset.kind"),
+        (lambda: DatasetConfig(kind="coco", split="test"), "dataset.split"),
+        (lambda: ShardStageConfig(dataset=DatasetConfig(kind="coco_format")), "dataset.images"),
+        (lambda: ShardStageConfig(dataset=DatasetConfig(kind="o365")), "dataset.root"),
+    ],
+)
+def test_config_errors_name_the_key(build, key: str) -> None:
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        build()
+
+
+def test_load_manifest_errors(coco_sample_shards: Path, tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match="no manifest here"):
+        load_manifest(tmp_path / "manifest.json")
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(ManifestError, match="corrupt manifest"):
+        load_manifest(tmp_path)
+    data = json.loads(coco_sample_shards.read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps({**data, "schema_version": 99}))
+    with pytest.raises(ManifestError, match="schema version 99"):
+        load_manifest(tmp_path / "manifest.json")
+    (tmp_path / "manifest.json").write_text(json.dumps({**data, "num_samples": 13}))
+    with pytest.raises(ManifestError, match="differs from the sum"):
+        load_manifest(tmp_path / "manifest.json")
+    del data["shards"]
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="malformed manifest"):
+        load_manifest(tmp_path / "manifest.json")
