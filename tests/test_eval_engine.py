@@ -26,7 +26,7 @@ from torchvision.transforms import v2
 
 from pipeline.data.transforms import Target, resized_size
 from pipeline.evaluation.config import EvalConfig, TTAConfig
-from pipeline.evaluation.engine import EvalRun, average_top_k, evaluate, same_size_batches
+from pipeline.evaluation.engine import EvalRun, evaluate, same_size_batches
 from pipeline.evaluation.samples import EvalSample
 from pipeline.evaluation.tta import Augmentation
 
@@ -125,7 +125,9 @@ EVAL = {"short_side": 200, "max_size": 500, "draw_images": 2, "progress_every_s"
 TTA = {"enabled": True, "scales": [100, 200, 300], "max_size": 500, "flip": True, "main_scale": 200}
 
 
-def run(samples: list[EvalSample], batch_size: int, distances: bool = False) -> EvalRun | None:
+def run(
+    samples: list[EvalSample], batch_size: int, distances: bool = False, atd_k: int = 100
+) -> EvalRun | None:
     def anchor_distances(outputs: dict[str, Tensor], targets: list[dict[str, Tensor]]) -> list[Tensor]:
         return [t["boxes"][:, 2] for t in targets]  # a stand-in: each target's normalised width
 
@@ -133,7 +135,7 @@ def run(samples: list[EvalSample], batch_size: int, distances: bool = False) -> 
         ColourBlobDetector(),
         samples,
         CATEGORIES,
-        EvalConfig(batch_size=batch_size, **EVAL),
+        EvalConfig(batch_size=batch_size, atd_k=atd_k, **EVAL),
         TTAConfig(**TTA),
         nearest_transform_for,
         anchor_distances if distances else None,
@@ -193,12 +195,12 @@ def test_atd_is_the_mean_of_the_k_largest_distances() -> None:
         ),
         reverse=True,
     )
-    assert result is not None and result.atd.num_distances == len(widths)
-    short = average_top_k([0.5, 0.25], 3)
-    assert short.value is None and "needs 3" in (short.reason or "")
-    assert average_top_k([0.5, 0.25, 1.0, 0.125], 2).value == 0.75
-    assert result.atd.k == 100 and result.atd.value is None  # 17 boxes < 100
-    assert abs(average_top_k(widths, 5).value - sum(widths[:5]) / 5) < 1e-12
+    assert result is not None and result.atd.num_distances == len(widths) < 100
+    assert (
+        result.atd.k == 100 and result.atd.value is None and "needs at least 100" in (result.atd.reason or "")
+    )
+    result = run(make_samples(), batch_size=3, distances=True, atd_k=5)
+    assert result is not None and result.atd.value == pytest.approx(sum(widths[:5]) / 5, abs=1e-7)
 
 
 def test_batches_hold_one_image_size_and_every_image_once() -> None:

@@ -27,11 +27,18 @@ from pipeline.data.manifest import (
 from pipeline.evaluation.coco_scoring import STAT_NAMES
 from pipeline.evaluation.config import EvalConfig, TTAConfig
 from pipeline.evaluation.samples import eval_samples
-from pipeline.evaluation.stage import manifest_sha256, run_evaluation
+from pipeline.evaluation.stage import atd_function, manifest_sha256, run_evaluation
 
 SAMPLE = Path(__file__).parent / "data" / "coco_sample"
 # Small sizes keep the debug model at ~0.1 s per image on two cores.
-EVAL = {"short_side": 160, "max_size": 256, "num_workers": 0, "draw_images": 3, "draw_score_threshold": 0.0}
+EVAL = {
+    "short_side": 160,
+    "max_size": 256,
+    "num_workers": 0,
+    "draw_images": 3,
+    "draw_score_threshold": 0.0,
+    "atd_k": 50,
+}
 TTA = {"enabled": True, "scales": [128, 160], "max_size": 256, "flip": True, "main_scale": 160}
 
 
@@ -141,6 +148,7 @@ def evaluate_split(model: torch.nn.Module, split: Path, out: Path, batch_size: i
         TTAConfig(**{**TTA, "enabled": tta}),
         out,
         header,
+        anchor_distances=atd_function(preset("debug")),
         expected_images=manifest.num_samples,
     )
 
@@ -167,8 +175,11 @@ def test_end_to_end_files_and_schema(debug_model: torch.nn.Module, split: Path, 
             assert block[name] is None or 0.0 <= block[name] <= 1.0, (mode, name)
         assert set(block["per_class_AP"]) == {str(i) for i in table}
         assert all(v["name"] == table[int(k)] for k, v in block["per_class_AP"].items())
-        assert set(block["ATD"]) == {"k", "value", "num_distances", "reason"} and block["ATD"]["k"] == 100
-        assert block["ATD"]["value"] is not None or block["ATD"]["reason"]
+        assert set(block["ATD"]) == {"k", "value", "num_distances", "reason"} and block["ATD"]["k"] == 50
+    # ATD(50) over the 82 non-crowd boxes (a few may be dropped as < 1 px after resizing); TTA has none.
+    atd = metrics["results"]["plain"]["ATD"]
+    assert 50 <= atd["num_distances"] <= 82 and 0.0 < atd["value"] < 4.0 and atd["reason"] is None
+    assert metrics["results"]["tta_one_to_one"]["ATD"]["value"] is None
     assert metrics["settings"]["eval"]["batch_size"] == 2 and metrics["settings"]["world_size"] == 1
     assert metrics["timing"]["images_per_s"] > 0
     gt_ids = {int(k) for k in range(0)} | {

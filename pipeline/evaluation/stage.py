@@ -9,6 +9,7 @@ the files of :mod:`pipeline.evaluation.outputs` from rank 0. Training stages cal
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -22,6 +23,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dino_core.atd import anchor_distances
+from dino_core.builder import build_criterion
+from dino_core.config import DINOConfig
 from pipeline.data.manifest import Manifest
 from pipeline.evaluation.config import EvalConfig, TTAConfig
 from pipeline.evaluation.engine import AnchorDistances, EvalRun, evaluate
@@ -105,6 +109,11 @@ def check_checkpoint(
             f"category ids {too_large[:10]} are not below the checkpoint's num_classes={num_classes}; "
             "class index == category id, so the model cannot predict them"
         )
+
+
+def atd_function(model_cfg: DINOConfig) -> AnchorDistances:
+    """The per-batch anchor distances of ATD (``dino_core.atd``) with the model's own Hungarian matcher."""
+    return functools.partial(anchor_distances, matcher=build_criterion(model_cfg).matcher)
 
 
 def manifest_sha256(manifest: Manifest) -> str:
