@@ -17,7 +17,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _python(code: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, check=False
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=False,
     )
 
 
@@ -56,7 +61,9 @@ def test_without_building_auto_falls_back_to_the_reference_with_one_warning(tmp_
     )
     assert result.returncode == 0, result.stderr
     assert "using the PyTorch reference for cpu tensors" in result.stdout
-    assert "DINO_KERNELS_BUILD=0 forbids building on first use: run `python -m kernels.build`" in result.stdout
+    assert (
+        "DINO_KERNELS_BUILD=0 forbids building on first use: run `python -m kernels.build`" in result.stdout
+    )
     assert "fused: the cpu kernels are not built" in result.stdout
     assert not any(tmp_path.iterdir())
 
@@ -113,7 +120,9 @@ def test_parse_arch_list() -> None:
 
 def test_missing_cxx_compiler_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CXX", "no-such-compiler-g++")
-    with pytest.raises(toolchain.KernelBuildError, match="C\\+\\+ compiler 'no-such-compiler-g\\+\\+' not found"):
+    with pytest.raises(
+        toolchain.KernelBuildError, match="C\\+\\+ compiler 'no-such-compiler-g\\+\\+' not found"
+    ):
         toolchain.check_cxx_toolchain()
 
 
@@ -134,7 +143,9 @@ def test_compile_check_without_nvcc_says_skip(monkeypatch: pytest.MonkeyPatch, c
     assert "SKIP CUDA compile check: no nvcc found" in capsys.readouterr().out
 
 
-def test_compile_check_fails_on_a_compile_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys) -> None:
+def test_compile_check_fails_on_a_compile_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys
+) -> None:
     """A broken .cu fails the check (nvcc stops at the first error: seconds, not the full build)."""
     if toolchain.find_nvcc() is None or torch.version.cuda is None:
         pytest.skip("no nvcc or a CPU-only PyTorch here")

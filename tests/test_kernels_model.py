@@ -22,10 +22,15 @@ def _loss_and_grads(implementation: str, device: str) -> tuple[torch.Tensor, dic
     images = torch.randn(2, 3, 96, 128, generator=g).to(device)
     image_sizes = torch.tensor([[96, 128], [80, 112]], device=device)
     targets = [
-        {"labels": torch.tensor([1, 7], device=device),
-         "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.4, 0.5]], device=device)},
-        {"labels": torch.tensor([3], device=device), "boxes": torch.tensor([[0.5, 0.5, 0.6, 0.4]], device=device)},
-    ]  # fmt: skip
+        {
+            "labels": torch.tensor([1, 7], device=device),
+            "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.4, 0.5]], device=device),
+        },
+        {
+            "labels": torch.tensor([3], device=device),
+            "boxes": torch.tensor([[0.5, 0.5, 0.6, 0.4]], device=device),
+        },
+    ]
     torch.manual_seed(2)  # same denoising noise
     loss = criterion(model(images, image_sizes, targets), targets)["loss"]
     loss.backward()
@@ -46,4 +51,6 @@ def test_debug_model_loss_and_gradients_agree(device: str) -> None:
     assert deformable, "the debug model has no deformable attention parameters with gradients"
     for name, ref in grads_ref.items():
         error = (grads_fused[name] - ref).norm()
-        assert error <= 1e-4 * ref.norm() + 1e-7, f"{name}: |fused - reference| = {error:.3g}, |ref| = {ref.norm():.3g}"
+        assert error <= 1e-4 * ref.norm() + 1e-7, (
+            f"{name}: |fused - reference| = {error:.3g}, |ref| = {ref.norm():.3g}"
+        )

@@ -1,4 +1,4 @@
-"""The fused multi-scale deformable attention op against the reference, on the CPU and (marker ``cuda``) a GPU.
+"""The fused multi-scale deformable attention op against the reference, on the CPU and (``cuda``) a GPU.
 
 Every check draws fresh inputs (seeded from the test id) in float64, rounds them to the dtype under test,
 and compares the op with the float64 reference evaluated on those rounded inputs, so a tolerance measures
@@ -89,13 +89,19 @@ def make_inputs(case: Case, dtype: torch.dtype, device: str, seed: int) -> dict[
 def run(inputs: dict[str, torch.Tensor], logits: bool, implementation: str, grad_output: torch.Tensor | None):
     """Output and, when grad_output is given, gradients of value, locations and attention."""
     attention = inputs["attention_logits" if logits else "attention_weights"]
-    leaves = [t.detach().clone().requires_grad_(grad_output is not None) for t in
-              (inputs["value"], inputs["sampling_locations"], attention)]  # fmt: skip
+    leaves = [
+        t.detach().clone().requires_grad_(grad_output is not None)
+        for t in (inputs["value"], inputs["sampling_locations"], attention)
+    ]
     fn = kernels.ms_deform_attn_from_logits if logits else kernels.ms_deform_attn
     out = fn(
-        leaves[0], inputs["spatial_shapes"], inputs["level_start_index"], leaves[1], leaves[2],
+        leaves[0],
+        inputs["spatial_shapes"],
+        inputs["level_start_index"],
+        leaves[1],
+        leaves[2],
         implementation=implementation,
-    )  # fmt: skip
+    )
     if grad_output is None:
         return out.detach(), ()
     out.backward(grad_output)
@@ -110,7 +116,7 @@ def reference64(inputs: dict[str, torch.Tensor], logits: bool, grad_output: torc
 
 
 def assert_within(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
-    """|actual - expected| <= u(dtype) |expected| + a(dtype) max|expected| + a(dtype) |expected| (module doc)."""
+    """|actual - expected| <= (u + a) |expected| + a max|expected|, u and a per dtype (module docstring)."""
     assert actual.dtype == dtype, f"{what}: dtype {actual.dtype}, expected {dtype}"
     assert torch.isfinite(actual).all(), f"{what}: non-finite entries"
     actual, expected = actual.cpu().double(), expected.double()
@@ -127,7 +133,10 @@ def assert_within(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dty
 @contextlib.contextmanager
 def deterministic(warn_only: bool = False) -> Iterator[None]:
     """torch.use_deterministic_algorithms(True) inside the block (it also fills torch.empty with NaN)."""
-    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
     torch.use_deterministic_algorithms(True, warn_only=warn_only)
     try:
         yield
@@ -170,13 +179,20 @@ def test_borders_and_far_outside(device: str) -> None:
     rows = []
     for h, w in case.shapes:
         px, py = 1.0 / w, 1.0 / h  # one pixel in normalised units
-        rows.append([
-            [0.0, 0.0], [1.0, 1.0], [0.0, 1.0],  # corners of the map
-            [-0.5 * px, 0.5], [0.5, -0.5 * py],  # pixel coordinate exactly -1: only the far corner is inside
-            [1.0 + 0.5 * px, 0.5],  # exactly W: nothing inside
-            [0.5 * px, 0.5 * py], [1.0 - 0.5 * px, 1.0 - 0.5 * py],  # centres of the first and last pixel
-            [-5.0, 0.5], [0.5, 40.0],  # far outside
-        ])  # fmt: skip
+        rows.append(
+            [
+                [0.0, 0.0],
+                [1.0, 1.0],
+                [0.0, 1.0],  # corners of the map
+                [-0.5 * px, 0.5],
+                [0.5, -0.5 * py],  # pixel coordinate exactly -1: only the far corner is inside
+                [1.0 + 0.5 * px, 0.5],  # exactly W: nothing inside
+                [0.5 * px, 0.5 * py],
+                [1.0 - 0.5 * px, 1.0 - 0.5 * py],  # centres of the first and last pixel
+                [-5.0, 0.5],
+                [0.5, 40.0],  # far outside
+            ]
+        )
     special = torch.tensor(rows, dtype=torch.float64)  # (L, P, 2)
     inputs["sampling_locations"] = special.expand_as(inputs["sampling_locations"]).contiguous().to(device)
     grad_output = torch.randn(1, 1, 8, dtype=torch.float64, device=device)
@@ -192,13 +208,19 @@ def test_borders_and_far_outside(device: str) -> None:
 
 @pytest.mark.parametrize("logits", [False, True], ids=["weights", "logits"])
 def test_gradcheck_float64(device: str, logits: bool) -> None:
-    inputs = make_inputs(Case(((4, 5), (2, 3), (1, 1)), n=1, lq=3, m=2, d=3, p=2, low=-0.1, high=1.1), torch.float64,
-                         device, seed=11)  # fmt: skip
+    inputs = make_inputs(
+        Case(((4, 5), (2, 3), (1, 1)), n=1, lq=3, m=2, d=3, p=2, low=-0.1, high=1.1),
+        torch.float64,
+        device,
+        seed=11,
+    )
     attention = inputs["attention_logits" if logits else "attention_weights"]
     fn = kernels.ms_deform_attn_from_logits if logits else kernels.ms_deform_attn
 
     def f(value: torch.Tensor, loc: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
-        return fn(value, inputs["spatial_shapes"], inputs["level_start_index"], loc, att, implementation="fused")
+        return fn(
+            value, inputs["spatial_shapes"], inputs["level_start_index"], loc, att, implementation="fused"
+        )
 
     leaves = [t.clone().requires_grad_() for t in (inputs["value"], inputs["sampling_locations"], attention)]
     # Atomic float64 additions on a GPU may differ in the last bits between the two backward calls.
@@ -247,7 +269,9 @@ def test_deterministic(device: str) -> None:
         first = run(inputs, False, "fused", None)[0]
         assert torch.equal(first, run(inputs, False, "fused", None)[0])
         if device == "cuda":
-            with pytest.raises(RuntimeError, match="ms_deform_attn_backward_cuda does not have a deterministic"):
+            with pytest.raises(
+                RuntimeError, match="ms_deform_attn_backward_cuda does not have a deterministic"
+            ):
                 run(inputs, False, "fused", grad_output)
             return
         threads = torch.get_num_threads()
@@ -267,18 +291,26 @@ def test_opcheck(device: str, op_name: str, dtype: torch.dtype) -> None:
     inputs = make_inputs(Case(((5, 6), (3, 2)), n=2, lq=4, m=2, d=8, p=2), dtype, device, seed=13)
     attention = inputs["attention_logits" if op_name.endswith("logits") else "attention_weights"]
     args = (
-        inputs["value"].requires_grad_(), inputs["spatial_shapes"], inputs["level_start_index"],
-        inputs["sampling_locations"].requires_grad_(), attention.requires_grad_(),
-    )  # fmt: skip
+        inputs["value"].requires_grad_(),
+        inputs["spatial_shapes"],
+        inputs["level_start_index"],
+        inputs["sampling_locations"].requires_grad_(),
+        attention.requires_grad_(),
+    )
     torch.library.opcheck(getattr(torch.ops.dino_kernels, op_name).default, args)
 
 
 def test_backward_opcheck(device: str) -> None:
     inputs = make_inputs(Case(((5, 6), (3, 2)), n=1, lq=4, m=2, d=8, p=2), torch.float32, device, seed=17)
     args = (
-        torch.randn(1, 4, 16, device=device), inputs["value"], inputs["spatial_shapes"],
-        inputs["level_start_index"], inputs["sampling_locations"], inputs["attention_logits"], True,
-    )  # fmt: skip
+        torch.randn(1, 4, 16, device=device),
+        inputs["value"],
+        inputs["spatial_shapes"],
+        inputs["level_start_index"],
+        inputs["sampling_locations"],
+        inputs["attention_logits"],
+        True,
+    )
     torch.library.opcheck(
         torch.ops.dino_kernels.ms_deform_attn_backward.default,
         args,
@@ -297,8 +329,16 @@ def test_torch_compile_fullgraph(device: str) -> None:
         )
         return (out * out).sum()
 
-    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    graphs: list[torch.fx.GraphModule] = []
+
+    def recording(gm: torch.fx.GraphModule, example_inputs: list) -> torch.fx.GraphModule:
+        graphs.append(gm)
+        return gm
+
     args = [inputs[k].clone().requires_grad_() for k in ("value", "sampling_locations", "attention_logits")]
+    torch.compile(f, backend=recording, fullgraph=True)(*args)
+    assert len(graphs) == 1 and "dino_kernels.ms_deform_attn_from_logits" in graphs[0].code
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     eager_args = [a.detach().clone().requires_grad_() for a in args]
     compiled(*args).backward()
     f(*eager_args).backward()
@@ -333,17 +373,47 @@ def _inputs_for_errors(device: str) -> dict[str, torch.Tensor]:
     [
         (lambda i: i.update(value=i["value"][0]), ValueError, r"value must be \(N, S, M, D\)"),
         (lambda i: i.update(value=i["value"][:, :-1]), ValueError, "S = 15 positions but spatial_shapes"),
-        (lambda i: i.update(sampling_locations=i["sampling_locations"][..., :1]), ValueError, "sampling_locations"),
-        (lambda i: i.update(attention_weights=i["attention_weights"][..., :1]), ValueError, "attention_weights must"),
-        (lambda i: i.update(spatial_shapes=i["spatial_shapes"][:1]), ValueError, r"spatial_shapes must be \(L, 2\)"),
-        (lambda i: i.update(level_start_index=i["level_start_index"] + 1), ValueError, "not the start of each"),
+        (
+            lambda i: i.update(sampling_locations=i["sampling_locations"][..., :1]),
+            ValueError,
+            "sampling_locations",
+        ),
+        (
+            lambda i: i.update(attention_weights=i["attention_weights"][..., :1]),
+            ValueError,
+            "attention_weights must",
+        ),
+        (
+            lambda i: i.update(spatial_shapes=i["spatial_shapes"][:1]),
+            ValueError,
+            r"spatial_shapes must be \(L, 2\)",
+        ),
+        (
+            lambda i: i.update(level_start_index=i["level_start_index"] + 1),
+            ValueError,
+            "not the start of each",
+        ),
         (lambda i: i.update(value=i["value"].half()), TypeError, "attention_weights must have value's dtype"),
-        (lambda i: i.update(sampling_locations=i["sampling_locations"].half()), TypeError, "must be torch.float32"),
+        (
+            lambda i: i.update(sampling_locations=i["sampling_locations"].half()),
+            TypeError,
+            "must be torch.float32",
+        ),
         (lambda i: i.update(spatial_shapes=i["spatial_shapes"].int()), TypeError, "must be int64"),
         (lambda i: i.update(value=i["value"].int()), TypeError, "value must be float32"),
     ],
-    ids=["value_dims", "S_mismatch", "loc_last_dim", "weights_shape", "levels", "starts", "mixed_dtypes",
-         "loc_dtype", "shapes_dtype", "int_value"],  # fmt: skip
+    ids=[
+        "value_dims",
+        "S_mismatch",
+        "loc_last_dim",
+        "weights_shape",
+        "levels",
+        "starts",
+        "mixed_dtypes",
+        "loc_dtype",
+        "shapes_dtype",
+        "int_value",
+    ],
 )
 def test_bad_inputs_raise_clear_errors(device: str, change, error: type, match: str) -> None:
     inputs = _inputs_for_errors(device)
@@ -352,9 +422,13 @@ def test_bad_inputs_raise_clear_errors(device: str, change, error: type, match: 
         pytest.skip("the level table is checked against value only where it lives on the CPU")
     with pytest.raises(error, match=match):
         kernels.ms_deform_attn(
-            inputs["value"], inputs["spatial_shapes"], inputs["level_start_index"],
-            inputs["sampling_locations"], inputs["attention_weights"], implementation="fused",
-        )  # fmt: skip
+            inputs["value"],
+            inputs["spatial_shapes"],
+            inputs["level_start_index"],
+            inputs["sampling_locations"],
+            inputs["attention_weights"],
+            implementation="fused",
+        )
 
 
 def test_op_itself_checks_its_inputs() -> None:
@@ -363,14 +437,20 @@ def test_op_itself_checks_its_inputs() -> None:
     inputs = _inputs_for_errors("cpu")
     with pytest.raises(RuntimeError, match="value has S = 15 positions but spatial_shapes sums to 16"):
         torch.ops.dino_kernels.ms_deform_attn(
-            inputs["value"][:, :-1], inputs["spatial_shapes"], inputs["level_start_index"],
-            inputs["sampling_locations"], inputs["attention_weights"],
-        )  # fmt: skip
+            inputs["value"][:, :-1],
+            inputs["spatial_shapes"],
+            inputs["level_start_index"],
+            inputs["sampling_locations"],
+            inputs["attention_weights"],
+        )
     with pytest.raises(RuntimeError, match="sampling_locations must be Float for BFloat16 values"):
         torch.ops.dino_kernels.ms_deform_attn(
-            inputs["value"].bfloat16(), inputs["spatial_shapes"], inputs["level_start_index"],
-            inputs["sampling_locations"].bfloat16(), inputs["attention_weights"].bfloat16(),
-        )  # fmt: skip
+            inputs["value"].bfloat16(),
+            inputs["spatial_shapes"],
+            inputs["level_start_index"],
+            inputs["sampling_locations"].bfloat16(),
+            inputs["attention_weights"].bfloat16(),
+        )
 
 
 @pytest.mark.cuda
@@ -379,6 +459,9 @@ def test_devices_must_match() -> None:
     inputs = _inputs_for_errors("cuda")
     with pytest.raises(ValueError, match="sampling_locations is on cpu but value is on cuda"):
         kernels.ms_deform_attn(
-            inputs["value"], inputs["spatial_shapes"], inputs["level_start_index"],
-            inputs["sampling_locations"].cpu(), inputs["attention_weights"],
-        )  # fmt: skip
+            inputs["value"],
+            inputs["spatial_shapes"],
+            inputs["level_start_index"],
+            inputs["sampling_locations"].cpu(),
+            inputs["attention_weights"],
+        )
