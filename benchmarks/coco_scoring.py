@@ -25,7 +25,9 @@ from pipeline.evaluation.coco_scoring import STAT_NAMES, score
 COCO_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
 
 
-def synthetic_set(images: int, dets_per_image: int, seed: int = 0) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def synthetic_set(
+    images: int, dets_per_image: int, seed: int = 0
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """A COCO ground-truth dict and a results list (see the module docstring)."""
     rng = np.random.default_rng(seed)
     gt_images, annotations, detections = [], [], []
@@ -39,22 +41,38 @@ def synthetic_set(images: int, dets_per_image: int, seed: int = 0) -> tuple[dict
             x, y = rng.uniform(0, width - w), rng.uniform(0, height - h)
             category = int(rng.choice(COCO_IDS))
             boxes.append((x, y, w, h, category))
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": image_id, "category_id": category,
-                "bbox": [x, y, w, h], "area": w * h * 0.7, "iscrowd": int(rng.random() < 0.01),
-            })
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": category,
+                    "bbox": [x, y, w, h],
+                    "area": w * h * 0.7,
+                    "iscrowd": int(rng.random() < 0.01),
+                }
+            )
         for k in range(dets_per_image):
             if k < len(boxes) and rng.random() < 0.8:
                 x, y, w, h, category = boxes[k]
-                box = [x + rng.normal(0, 0.05) * w, y + rng.normal(0, 0.05) * h, w * rng.uniform(0.9, 1.1),
-                       h * rng.uniform(0.9, 1.1)]
+                box = [
+                    x + rng.normal(0, 0.05) * w,
+                    y + rng.normal(0, 0.05) * h,
+                    w * rng.uniform(0.9, 1.1),
+                    h * rng.uniform(0.9, 1.1),
+                ]
                 s = rng.uniform(0.3, 1.0)
             else:
                 w, h = rng.uniform(4, width / 3), rng.uniform(4, height / 3)
                 box = [rng.uniform(0, width - w), rng.uniform(0, height - h), w, h]
                 category, s = int(rng.choice(COCO_IDS)), rng.uniform(0.0, 0.5)
-            detections.append({"image_id": image_id, "category_id": category, "bbox": [round(v, 2) for v in box],
-                               "score": round(float(s), 4)})
+            detections.append(
+                {
+                    "image_id": image_id,
+                    "category_id": category,
+                    "bbox": [round(v, 2) for v in box],
+                    "score": round(float(s), 4),
+                }
+            )
     categories = [{"id": i, "name": f"class{i}"} for i in COCO_IDS]
     return {"images": gt_images, "annotations": annotations, "categories": categories}, detections
 
@@ -78,9 +96,13 @@ def main() -> None:
         rows.append({"scorer": scorer, "seconds": min(times), "AP": results[scorer].stats["AP"]})
     worst = max(abs(results["faster"].stats[n] - results["pycocotools"].stats[n]) for n in STAT_NAMES)
     report = {
-        "images": args.images, "annotations": len(gt["annotations"]), "detections": len(detections),
+        "images": args.images,
+        "annotations": len(gt["annotations"]),
+        "detections": len(detections),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        "date": time.strftime("%Y-%m-%d"), "rows": rows, "max_stat_difference": worst,
+        "date": time.strftime("%Y-%m-%d"),
+        "rows": rows,
+        "max_stat_difference": worst,
     }
     print(f"{args.images} images, {len(gt['annotations'])} boxes, {len(detections)} detections")
     print(f"{'scorer':<12} {'seconds':>8} {'AP':>8}")

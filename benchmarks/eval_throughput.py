@@ -54,16 +54,28 @@ def main() -> None:
         step()
         times.append(time.perf_counter() - start)
     best = min(times)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else (platform.processor() or platform.machine())
+    )
     report = {
-        "preset": args.preset, "device": f"{device.type}: {name}", "threads": torch.get_num_threads(),
-        "image_size": [args.height, args.width], "batch_size": args.batch_size, "amp": args.amp,
-        "seconds_per_batch": times, "images_per_s": args.batch_size / best, "date": time.strftime("%Y-%m-%d"),
+        "preset": args.preset,
+        "device": f"{device.type}: {name}",
+        "threads": torch.get_num_threads(),
+        "image_size": [args.height, args.width],
+        "batch_size": args.batch_size,
+        "amp": args.amp,
+        "seconds_per_batch": times,
+        "images_per_s": args.batch_size / best,
+        "date": time.strftime("%Y-%m-%d"),
         "torch": torch.__version__,
     }
-    print(f"{args.preset} on {report['device']} ({report['threads']} threads), {args.height}x{args.width}, "
-          f"batch {args.batch_size}{' bf16' if args.amp else ''}: {report['images_per_s']:.3f} images/s "
-          f"(best of {args.iters}: {best:.2f} s per batch)")
+    print(
+        f"{args.preset} on {report['device']} ({report['threads']} threads), {args.height}x{args.width}, "
+        f"batch {args.batch_size}{' bf16' if args.amp else ''}: {report['images_per_s']:.3f} images/s "
+        f"(best of {args.iters}: {best:.2f} s per batch)"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline.evaluation.coco_scoring import STAT_NAMES, score
-from pipeline.evaluation.detections import sort_records, to_records
+from pipeline.evaluation.detections import canonical, to_records, to_rows
 
 SAMPLE = Path(__file__).parent / "data" / "coco_sample" / "instances.json"
 
@@ -143,7 +143,8 @@ def test_category_ids_with_coco_gaps_pass_through(gt: dict) -> None:
         "scores": torch.tensor([0.9, 0.8, 0.7, 0.6]),
         "labels": torch.tensor([90, 12, 0, 44]),
     }
-    records, dropped = to_records(30, prediction, table)
+    rows, dropped = to_rows(30, prediction, table)
+    records = to_records(rows)
     assert dropped == 2
     assert [r["category_id"] for r in records] == [90, 44]
     assert records[0]["bbox"] == [10.0, 20.0, 40.0, 40.0]
@@ -153,8 +154,8 @@ def test_category_ids_with_coco_gaps_pass_through(gt: dict) -> None:
     for ann in (a for a in gt["annotations"] if a["category_id"] == 90):
         x, y, w, h = ann["bbox"]
         pred = {"boxes": torch.tensor([[x, y, x + w, y + h]]), "scores": torch.tensor([0.9])}
-        right += to_records(ann["image_id"], {**pred, "labels": torch.tensor([90])}, table)[0]
-        wrong += to_records(ann["image_id"], {**pred, "labels": torch.tensor([80])}, table)[0]
+        right += to_records(to_rows(ann["image_id"], {**pred, "labels": torch.tensor([90])}, table)[0])
+        wrong += to_records(to_rows(ann["image_id"], {**pred, "labels": torch.tensor([80])}, table)[0])
     assert right and score(gt, right).per_class_ap[90] == pytest.approx(1.0)
     assert score(gt, wrong).per_class_ap[90] == 0.0
 
@@ -165,7 +166,12 @@ def test_records_are_rounded_and_sorted_canonically() -> None:
         "scores": torch.tensor([0.123456, 0.5, 0.5]),
         "labels": torch.tensor([2, 3, 1]),
     }
-    records, _ = to_records(7, prediction, frozenset({1, 2, 3}))
-    assert records[0]["bbox"] == [1.0, 2.01, 2.0, 1.99] and records[0]["score"] == 0.1235
-    ordered = sort_records([*records, {**records[0], "image_id": 3}])
+    rows, _ = to_rows(7, prediction, frozenset({1, 2, 3}))
+    first = to_records(rows)[0]
+    assert first["bbox"] == [1.0, 2.01, 2.0, 1.99] and first["score"] == 0.1235
+    assert json.dumps(first) == (
+        '{"image_id": 7, "category_id": 2, "bbox": [1.0, 2.01, 2.0, 1.99], "score": 0.1235}'
+    )
+    other, _ = to_rows(3, prediction, frozenset({2}))
+    ordered = to_records(canonical([rows, other]))
     assert [(r["image_id"], r["category_id"]) for r in ordered] == [(3, 2), (7, 1), (7, 3), (7, 2)]

@@ -27,7 +27,13 @@ from pipeline.data.manifest import (
 from pipeline.evaluation.coco_scoring import STAT_NAMES
 from pipeline.evaluation.config import EvalConfig, TTAConfig
 from pipeline.evaluation.samples import eval_samples
-from pipeline.evaluation.stage import atd_function, manifest_sha256, run_evaluation
+from pipeline.evaluation.stage import (
+    CheckpointMismatchError,
+    atd_function,
+    check_checkpoint,
+    manifest_sha256,
+    run_evaluation,
+)
 
 SAMPLE = Path(__file__).parent / "data" / "coco_sample"
 # Small sizes keep the debug model at ~0.1 s per image on two cores.
@@ -206,3 +212,25 @@ def test_metrics_do_not_depend_on_the_batch_size(
     assert (tmp_path / "b1" / "detections.json").read_bytes() == (
         tmp_path / "b4" / "detections.json"
     ).read_bytes()
+
+
+def test_check_checkpoint_refuses_a_mismatch(split: Path) -> None:
+    ours = categories_of(split)
+    check_checkpoint("debug", ours, 91, ours, expected_preset=None)  # fits
+    check_checkpoint(
+        "debug", list(reversed(ours)), 91, ours, expected_preset="debug"
+    )  # order does not matter
+    with pytest.raises(
+        CheckpointMismatchError, match=r"'dino_r50_4scale' model but the config asks for preset='debug'"
+    ):
+        check_checkpoint("dino_r50_4scale", ours, 91, ours, expected_preset="debug")
+    o365 = [{"id": i, "name": f"o365_{i}"} for i in range(1, 366)]
+    with pytest.raises(
+        CheckpointMismatchError, match=r"class table \(365 classes\) does not match .* \(80\)"
+    ):
+        check_checkpoint("debug", o365, 366, ours, expected_preset=None)
+    renamed = [{**c, "name": "mug"} if c["id"] == 47 else c for c in ours]
+    with pytest.raises(CheckpointMismatchError, match=r"named differently \[\(47, 'mug', 'cup'\)\]"):
+        check_checkpoint("debug", renamed, 91, ours, expected_preset=None)
+    with pytest.raises(CheckpointMismatchError, match=r"not below the checkpoint's num_classes=81"):
+        check_checkpoint("debug", ours, 81, ours, expected_preset=None)

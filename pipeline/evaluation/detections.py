@@ -20,8 +20,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
+from torchvision.ops import box_convert
 
 BOX_DECIMALS = 2
 """Pixels: 0.01 px is far below any IoU threshold's sensitivity."""
@@ -29,37 +31,43 @@ SCORE_DECIMALS = 4
 """Score step 1e-4: well above fp32 noise of the model's sigmoid scores, below any meaningful gap."""
 
 
-def to_records(
+COLUMNS = ("image_id", "category_id", "x", "y", "w", "h", "score")
+"""Columns of the compact form, (N, 7) float64 rows, in which ranks keep and send their detections."""
+
+
+def to_rows(
     image_id: int, prediction: dict[str, Tensor], category_ids: set[int] | frozenset[int]
-) -> tuple[list[dict[str, Any]], int]:
-    """One image's prediction (boxes (K, 4) xyxy px, scores (K,), labels (K,)) as rounded COCO records.
+) -> tuple[np.ndarray, int]:
+    """One image's prediction (boxes (K, 4) xyxy px, scores (K,), labels (K,)) as rounded rows (K', 7).
 
-    Returns the records (labels outside ``category_ids`` dropped) and how many were dropped.
+    Returns the rows (labels outside ``category_ids`` dropped) and how many were dropped.
     """
-    boxes = prediction["boxes"].detach().to(torch.float64).cpu()
-    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
-    scores = prediction["scores"].detach().to(torch.float64).cpu().tolist()
-    labels = prediction["labels"].detach().cpu().tolist()
-    records = []
-    dropped = 0
-    for box, score, label in zip(xywh, scores, labels):
-        if int(label) not in category_ids:
-            dropped += 1
-            continue
-        records.append(
-            {
-                "image_id": int(image_id),
-                "category_id": int(label),
-                "bbox": [round(v, BOX_DECIMALS) + 0.0 for v in box],
-                "score": round(score, SCORE_DECIMALS) + 0.0,
-            }
-        )
-    return records, dropped
+    boxes = box_convert(prediction["boxes"].detach().to(torch.float64).cpu(), "xyxy", "xywh").numpy()
+    scores = prediction["scores"].detach().to(torch.float64).cpu().numpy()
+    labels = prediction["labels"].detach().cpu().numpy()
+    keep = np.isin(labels, np.fromiter(category_ids, dtype=np.int64))
+    rows = np.empty((int(keep.sum()), len(COLUMNS)), dtype=np.float64)
+    rows[:, 0] = image_id
+    rows[:, 1] = labels[keep]
+    # "+ 0.0" turns -0.0 into 0.0, so equal values print equally.
+    rows[:, 2:6] = np.round(boxes[keep], BOX_DECIMALS) + 0.0
+    rows[:, 6] = np.round(scores[keep], SCORE_DECIMALS) + 0.0
+    return rows, int((~keep).sum())
 
 
-def sort_records(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Records in the canonical order: image id, score descending, category id, box."""
-    return sorted(records, key=lambda r: (r["image_id"], -r["score"], r["category_id"], r["bbox"]))
+def canonical(parts: Iterable[np.ndarray]) -> np.ndarray:
+    """All rows in the canonical order: image id, score descending, category id, box."""
+    rows = np.concatenate([np.empty((0, len(COLUMNS))), *parts])
+    order = np.lexsort((rows[:, 5], rows[:, 4], rows[:, 3], rows[:, 2], rows[:, 1], -rows[:, 6], rows[:, 0]))
+    return rows[order]
+
+
+def to_records(rows: np.ndarray) -> list[dict[str, Any]]:
+    """Rows (N, 7) as a COCO results list."""
+    return [
+        {"image_id": int(r[0]), "category_id": int(r[1]), "bbox": r[2:6], "score": r[6]}
+        for r in rows.tolist()
+    ]
 
 
 def write_json_atomic(path: Path, payload: Any, indent: int | None = None) -> None:

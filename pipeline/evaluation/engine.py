@@ -1,11 +1,12 @@
 """Distributed evaluation of a detector: inference on every rank, gather on rank 0, COCO scoring.
 
 Used by the ``eval`` stage and by the training stages' periodic evaluation. Each rank infers the images
-its sample stream yields (the data stage's eval stream gives every image to exactly one rank), turns
-them into rounded COCO records (:mod:`pipeline.evaluation.detections`), and sends records, ground-truth
-records and ATD anchor distances to rank 0 (``torch.distributed.gather_object``; gloo on CPU). Rank 0
-sorts everything canonically and scores it, so the result depends neither on the batch size nor on the
-number of ranks.
+its sample stream yields (:func:`pipeline.evaluation.samples.eval_samples` gives every image to exactly
+one rank) in batches of same-size images, turns the predictions into rounded COCO records
+(:mod:`pipeline.evaluation.detections`), and sends records, ground-truth records and ATD anchor
+distances to rank 0 (``torch.distributed.gather_object``; gloo on CPU). Rank 0 sorts everything
+canonically and scores it, so neither the batch size nor the number of ranks shows in the result
+(see :func:`same_size_batches` and :mod:`pipeline.evaluation.detections` for the fp32 noise).
 
 Modes: ``plain`` (one pass at ``eval.short_side``/``eval.max_size``) and, with TTA on, ``tta_<merge>``
 for each merge of ``tta.merges``.
@@ -20,6 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -29,7 +31,7 @@ from pipeline.data.collate import Batch
 from pipeline.data.transforms import Target, make_target
 from pipeline.evaluation.coco_scoring import CocoMetrics, score
 from pipeline.evaluation.config import EvalConfig, TTAConfig
-from pipeline.evaluation.detections import sort_records, to_records
+from pipeline.evaluation.detections import canonical, to_records, to_rows
 from pipeline.evaluation.ground_truth import build_ground_truth
 from pipeline.evaluation.samples import EvalSample
 from pipeline.evaluation.tta import (
@@ -47,7 +49,7 @@ log = logging.getLogger(__name__)
 PLAIN = "plain"
 
 
-AnchorDistances = Callable[[dict[str, Tensor], list[dict[str, Tensor]]], list[Tensor]]
+AnchorDistances = Callable[[Any, list[dict[str, Tensor]]], list[Tensor]]
 """(model outputs of a batch, per-image targets {"labels" (G,), "boxes" (G, 4) normalised cxcywh})
 -> per-image L1 distances (G,) between each matched query's initial anchor and its ground-truth box."""
 
@@ -145,7 +147,7 @@ class _RankState:
     """What one rank accumulates and sends to rank 0."""
 
     def __init__(self, modes: Sequence[str], draw_images: int) -> None:
-        self.records: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
+        self.rows: dict[str, list[np.ndarray]] = {mode: [] for mode in modes}
         self.dropped: dict[str, int] = dict.fromkeys(modes, 0)
         self.gt_records: list[dict[str, Any]] = []
         self.distances: list[float] = []
@@ -155,8 +157,8 @@ class _RankState:
     def add(
         self, mode: str, image_id: int, prediction: dict[str, Tensor], category_ids: frozenset[int]
     ) -> None:
-        records, dropped = to_records(image_id, prediction, category_ids)
-        self.records[mode].extend(records)
+        rows, dropped = to_rows(image_id, prediction, category_ids)
+        self.rows[mode].append(rows)
         self.dropped[mode] += dropped
 
     def keep_for_drawing(self, sample: EvalSample) -> None:
@@ -170,7 +172,7 @@ class _RankState:
 
     def payload(self) -> dict[str, Any]:
         return {
-            "records": self.records,
+            "rows": {mode: canonical(parts) for mode, parts in self.rows.items()},
             "dropped": self.dropped,
             "gt_records": self.gt_records,
             "distances": self.distances,
@@ -314,7 +316,7 @@ def _score_on_rank0(
         "plain_inference_s": sum(part["timing"]["plain_inference_s"] for part in gathered),
         "tta_inference_s": sum(part["timing"]["tta_inference_s"] for part in gathered),
     }
-    detections = {mode: sort_records(r for part in gathered for r in part["records"][mode]) for mode in modes}
+    detections = {mode: to_records(canonical(part["rows"][mode] for part in gathered)) for mode in modes}
     dropped = {mode: sum(part["dropped"][mode] for part in gathered) for mode in modes}
     metrics: dict[str, CocoMetrics] = {}
     for mode in modes:
