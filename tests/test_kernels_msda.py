@@ -275,13 +275,14 @@ def test_deterministic(device: str) -> None:
                 run(inputs, False, "fused", grad_output)
             return
         threads = torch.get_num_threads()
-        grads = run(inputs, False, "fused", grad_output)[1]
-        torch.set_num_threads(1)
         try:
-            single = run(inputs, False, "fused", grad_output)[1]
+            per_thread_count = []
+            for count in (1, 3):  # 3 threads split the 2 * 8 (batch, head) tasks unevenly
+                torch.set_num_threads(count)
+                per_thread_count.append(run(inputs, False, "fused", grad_output)[1])
         finally:
             torch.set_num_threads(threads)
-    for a, b in zip(grads, single):
+    for a, b in zip(*per_thread_count):
         assert torch.equal(a, b)
 
 
