@@ -1,59 +1,33 @@
-"""COCO-format annotation files, read as streams so memory does not grow with the number of boxes.
+"""COCO-format annotation files, read in one pass so memory does not grow with the number of boxes.
 
-A COCO JSON is read twice with ijson's C parser: once for ``images`` and ``categories`` (kept as numpy
-columns and one bytes blob of file names, no Python object per image) and once for ``annotations``,
-which are handed out in bounded chunks for the caller to spill to disk. Nothing here holds a Python
-object per annotation beyond one chunk. Dataset layouts (COCO 2017 folders, any COCO-format pair, and
-Objects365 through :mod:`pipeline.data.objects365`) resolve to a list of :class:`SourceFile`.
+``scan_coco`` walks a file once with :mod:`pipeline.data.json_sections`: the ``images`` section is parsed
+by ijson's C parser into numpy columns and one bytes blob of file names (no Python object per image is
+kept), ``categories`` with ``json``, and each annotation is copied unparsed, one per line, to a spill
+file with its ``image_id`` beside it in a binary int64 file. Dataset layouts (COCO 2017 folders, any
+COCO-format pair, Objects365 through :mod:`pipeline.data.objects365`) resolve to :class:`SourceFile` lists.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import time
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import ijson
 import numpy as np
 
+from pipeline.data import json_sections
 from pipeline.data.config import DatasetConfig
 from pipeline.data.manifest import Category
 
 READ_CHUNK = 1 << 20
-
-
-_NON_FINITE = re.compile(rb"(?<=[\[,:\s])(-?Infinity|NaN)(?=[\s,\]}])")
-_TOKEN_ENDS = (b",", b"]", b"}", b"\n")
-
-
-class NonFiniteFilter:
-    """Replaces the non-standard ``NaN``/``Infinity`` literals (as Python's json writes them) by ``null``.
-
-    ijson's C parser rejects them, which would fail a whole file for one bad box; as ``null`` they reach
-    the annotation checks and become ``non_finite_box`` rejects. Chunks are cut after a token end so a
-    literal is never split between two reads.
-    """
-
-    def __init__(self) -> None:
-        self._carry = b""
-        self._last = b" "
-
-    def feed(self, chunk: bytes) -> bytes:
-        """The filtered bytes that are complete so far (call with ``b""`` at the end for the rest)."""
-        data = self._carry + chunk
-        cut = len(data) if not chunk else max(data.rfind(end) for end in _TOKEN_ENDS) + 1
-        data, self._carry = data[:cut], data[cut:]
-        if b"NaN" in data or b"Infinity" in data:
-            # One byte of the previous piece gives the look-behind its delimiter.
-            data = _NON_FINITE.sub(b"null", self._last + data)[1:]
-        self._last = data[-1:] or self._last
-        return data
 
 
 class AnnotationFileError(ValueError):
@@ -151,23 +125,25 @@ class ImageColumns:
         return self.names[self.name_offsets[index] : self.name_offsets[index + 1]].decode("utf-8")
 
 
+MISSING_ID = np.iinfo(np.int64).min
+"""Stored for an annotation without an integer ``image_id``."""
+_IMAGE_ID = re.compile(rb'"image_id"\s*:\s*(-?\d+)\s*[,}]')
+_MAX_CATEGORIES_BYTES = 64 << 20
+
+
 @dataclass
-class ImageIndex:
-    """What the first pass over an annotation file yields."""
+class ScannedFile:
+    """What one pass over an annotation file yields (the annotations themselves went to the spill)."""
 
     images: ImageColumns
     categories: list[Category]
     sha256: str
     bytes: int
+    annotations: int
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _json_error(path: Path, error: Exception) -> AnnotationFileError:
-    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return AnnotationFileError(f"{path}: not valid JSON ({message}); is the file complete?")
 
 
 def _progress(label: str, path: Path) -> Callable[[int, bool], None]:
@@ -190,133 +166,154 @@ def _progress(label: str, path: Path) -> Callable[[int, bool], None]:
     return report
 
 
-def scan_images(path: Path) -> ImageIndex:
-    """First pass: the images and categories of a COCO-format file, and the file's sha256.
+class _ImageCollector:
+    """Image records -> columns, checking each is COCO-style."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.ids, self.widths, self.heights = array("q"), array("i"), array("i")
+        self.offsets = array("q", [0])
+        self.names = bytearray()
+
+    def add(self, record: Any) -> None:
+        if not (
+            isinstance(record, dict)
+            and _is_int(record.get("id"))
+            and isinstance(record.get("file_name"), str)
+            and _is_int(record.get("width"))
+            and _is_int(record.get("height"))
+            and record["width"] > 0
+            and record["height"] > 0
+        ):
+            raise AnnotationFileError(
+                f"{self.path}: images[{len(self.ids)}] is not a COCO image record (needs an integer 'id', "
+                f"a string 'file_name' and positive integer 'width' and 'height'): {str(record)[:200]}"
+            )
+        self.ids.append(record["id"])
+        self.widths.append(record["width"])
+        self.heights.append(record["height"])
+        self.names += record["file_name"].encode("utf-8")
+        self.offsets.append(len(self.names))
+
+    def columns(self) -> ImageColumns:
+        def numpy(values: array, dtype: type) -> np.ndarray:
+            return np.frombuffer(values, dtype=dtype).copy()
+
+        return ImageColumns(
+            numpy(self.ids, np.int64),
+            numpy(self.widths, np.int32),
+            numpy(self.heights, np.int32),
+            numpy(self.offsets, np.int64),
+            bytes(self.names),
+        )
+
+
+def _categories(path: Path, data: bytes) -> list[Category]:
+    try:
+        records = json.loads(data)
+    except json.JSONDecodeError as error:
+        raise AnnotationFileError(f"{path}: 'categories' is not valid JSON ({error})") from None
+    categories = []
+    for i, record in enumerate(records if isinstance(records, list) else [records]):
+        if not (
+            isinstance(record, dict) and _is_int(record.get("id")) and isinstance(record.get("name"), str)
+        ):
+            raise AnnotationFileError(
+                f"{path}: categories[{i}] is not a COCO category (needs an integer 'id' "
+                f"and a string 'name'): {str(record)[:200]}"
+            )
+        categories.append(Category(record["id"], record["name"], str(record.get("supercategory", ""))))
+    return categories
+
+
+def scan_coco(path: Path, spill: BinaryIO, image_ids: BinaryIO) -> ScannedFile:
+    """One pass over a COCO-format file: images and categories parsed, annotations spilled unparsed.
+
+    Each annotation's source bytes go to ``spill`` as one line (newlines, which JSON allows only between
+    tokens, become spaces) and its ``image_id`` to ``image_ids`` as int64 (``MISSING_ID`` if absent or
+    not an integer), in file order. Only the ``images`` and ``categories`` sections are parsed.
 
     Raises:
-        AnnotationFileError: invalid JSON, or records that are not COCO-style (the message says which).
+        AnnotationFileError: not COCO-style JSON (the message names the file and the problem).
     """
-    ids, widths, heights = array("q"), array("i"), array("i")
-    offsets = array("q", [0])
-    names = bytearray()
-    categories: list[Category] = []
-    image_events: list[Any] = ijson.sendable_list()
-    category_events: list[Any] = ijson.sendable_list()
-    image_parser = ijson.items_coro(image_events, "images.item", use_float=True)
-    category_parser = ijson.items_coro(category_events, "categories.item", use_float=True)
+    images = _ImageCollector(path)
+    events: list[Any] = ijson.sendable_list()
+    image_parser = ijson.items_coro(events, "item", use_float=True)
+    category_bytes = bytearray()
     digest = hashlib.sha256()
-    done = 0
-    report = _progress("indexing images of", path)
-    filtered = NonFiniteFilter()
+    found: set[str] = set()
+    annotations = 0
+    report = _progress("indexing", path)
     try:
         with open(path, "rb") as handle:
-            while True:
-                chunk = handle.read(READ_CHUNK)
-                digest.update(chunk)
-                done += len(chunk)
-                data = filtered.feed(chunk)
-                if data:  # an empty send means end of input to ijson
-                    image_parser.send(data)
-                    category_parser.send(data)
-                for record in image_events:
-                    if not (
-                        isinstance(record, dict)
-                        and _is_int(record.get("id"))
-                        and isinstance(record.get("file_name"), str)
-                        and _is_int(record.get("width"))
-                        and _is_int(record.get("height"))
-                        and record["width"] > 0
-                        and record["height"] > 0
-                    ):
-                        raise AnnotationFileError(
-                            f"{path}: images[{len(ids)}] is not a COCO image record (needs an integer 'id', "
-                            "a string 'file_name' and positive integer 'width' and 'height'): "
-                            f"{str(record)[:200]}"
-                        )
-                    ids.append(record["id"])
-                    widths.append(record["width"])
-                    heights.append(record["height"])
-                    names += record["file_name"].encode("utf-8")
-                    offsets.append(len(names))
-                image_events.clear()
-                for record in category_events:
-                    if not (
-                        isinstance(record, dict)
-                        and _is_int(record.get("id"))
-                        and isinstance(record.get("name"), str)
-                    ):
-                        raise AnnotationFileError(
-                            f"{path}: categories[{len(categories)}] is not a COCO category "
-                            f"(needs an integer 'id' and a string 'name'): {str(record)[:200]}"
-                        )
-                    categories.append(
-                        Category(record["id"], record["name"], str(record.get("supercategory", "")))
-                    )
-                category_events.clear()
-                report(done, False)
-                if not chunk:
-                    break
-            image_parser.close()
-            category_parser.close()
+            hashing = _HashingReader(handle, digest)
+            for event in json_sections.scan(
+                hashing, frozenset({"images", "categories"}), frozenset({"annotations"})
+            ):
+                if isinstance(event, json_sections.Elements):
+                    found.add("annotations")
+                    lines, ids = [], array("q")
+                    for raw in event.items:
+                        match = _IMAGE_ID.search(raw)
+                        ids.append(int(match.group(1)) if match else MISSING_ID)
+                        if b"\n" in raw or b"\r" in raw:
+                            raw = raw.replace(b"\n", b" ").replace(b"\r", b" ")
+                        lines.append(raw)
+                    spill.write(b"\n".join(lines) + b"\n")
+                    image_ids.write(ids.tobytes())
+                    annotations += len(lines)
+                elif isinstance(event, json_sections.Piece):
+                    found.add(event.key)
+                    if event.key == "images":
+                        image_parser.send(event.data)
+                        for record in events:
+                            images.add(record)
+                        events.clear()
+                    else:
+                        category_bytes += event.data
+                        if len(category_bytes) > _MAX_CATEGORIES_BYTES:
+                            raise AnnotationFileError(f"{path}: 'categories' is larger than 64 MiB")
+                else:
+                    key, position = event
+                    if key == "":
+                        report(position, False)
+                    else:
+                        found.add(key)
+                        if key == "images":
+                            image_parser.close()
+                            for record in events:
+                                images.add(record)
+                            events.clear()
+    except json_sections.JSONStructureError as error:
+        raise AnnotationFileError(f"{path}: not valid JSON ({error})") from None
     except ijson.JSONError as error:
-        raise _json_error(path, error) from None
-    if not ids:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise AnnotationFileError(f"{path}: 'images' is not valid JSON ({message})") from None
+    columns = images.columns()
+    if not len(columns):
         raise AnnotationFileError(f"{path}: no images: COCO-style JSON needs a non-empty 'images' list")
+    categories = _categories(path, bytes(category_bytes)) if "categories" in found else []
     if not categories:
         raise AnnotationFileError(f"{path}: no categories: COCO-style JSON needs a 'categories' list")
     if len({category.id for category in categories}) != len(categories):
         raise AnnotationFileError(f"{path}: duplicate category ids in 'categories'")
-    report(done, True)
-    columns = ImageColumns(
-        np.frombuffer(ids, dtype=np.int64).copy(),
-        np.frombuffer(widths, dtype=np.int32).copy(),
-        np.frombuffer(heights, dtype=np.int32).copy(),
-        np.frombuffer(offsets, dtype=np.int64).copy(),
-        bytes(names),
+    report(hashing.bytes, True)
+    return ScannedFile(
+        columns, sorted(categories, key=lambda c: c.id), digest.hexdigest(), hashing.bytes, annotations
     )
-    return ImageIndex(columns, sorted(categories, key=lambda c: c.id), digest.hexdigest(), done)
 
 
-def iter_annotation_chunks(path: Path, chunk_size: int) -> Iterator[list[dict[str, Any]]]:
-    """Second pass: the ``annotations`` of a COCO-format file in lists of at most ``chunk_size``.
+class _HashingReader:
+    """A read-only file that hashes and counts what is read through it."""
 
-    Raises:
-        AnnotationFileError: invalid JSON or an annotation that is not an object.
-    """
-    events: list[Any] = ijson.sendable_list()
-    parser = ijson.items_coro(events, "annotations.item", use_float=True)
-    pending: list[dict[str, Any]] = []
-    done = 0
-    report = _progress("reading annotations of", path)
-    filtered = NonFiniteFilter()
-    try:
-        with open(path, "rb") as handle:
-            while True:
-                chunk = handle.read(READ_CHUNK)
-                done += len(chunk)
-                data = filtered.feed(chunk)
-                if data:  # an empty send means end of input to ijson
-                    parser.send(data)
-                for record in events:
-                    if not isinstance(record, dict):
-                        raise AnnotationFileError(
-                            f"{path}: an entry of 'annotations' is not an object: {str(record)[:200]}"
-                        )
-                    pending.append(record)
-                events.clear()
-                while len(pending) >= chunk_size:
-                    yield pending[:chunk_size]
-                    del pending[:chunk_size]
-                report(done, False)
-                if not chunk:
-                    break
-            parser.close()
-            pending.extend(events)
-    except ijson.JSONError as error:
-        raise _json_error(path, error) from None
-    if pending:
-        yield pending
-    report(done, True)
+    def __init__(self, handle: BinaryIO, digest: Any) -> None:
+        self._handle, self._digest, self.bytes = handle, digest, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._handle.read(size)
+        self._digest.update(data)
+        self.bytes += len(data)
+        return data
 
 
 def is_safe_file_name(name: str) -> bool:

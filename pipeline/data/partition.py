@@ -3,7 +3,8 @@
 Built once per input (annotation files' sha256 + partition settings = the plan's fingerprint) in a
 staging folder beside the output, renamed into place when complete, and reused by every rerun, so a
 resumed job writes exactly the shards the first run would have. Memory: images are numpy columns;
-annotations pass through in chunks of ``shard.annotation_chunk`` and go to ``ann/<shard>.jsonl``.
+annotations are copied unparsed to a spill file in one pass, then routed ``shard.annotation_chunk`` at a time
+to ``ann/<shard>.jsonl``.
 
 Partition: the split's images sorted by id, cut every ``images_per_shard`` images, or else greedily at
 ``target_shard_mb`` of image bytes (a shard closes before the image that would pass the target).
@@ -15,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,12 +26,12 @@ import numpy as np
 
 from pipeline.data import rejects as R
 from pipeline.data.coco_source import (
+    MISSING_ID,
     AnnotationFileError,
     ImageColumns,
     SourceFile,
     is_safe_file_name,
-    iter_annotation_chunks,
-    scan_images,
+    scan_coco,
 )
 from pipeline.data.config import ShardStageConfig
 from pipeline.data.manifest import AnnotationFile, Category, Reject
@@ -69,7 +71,7 @@ class Plan:
 
     def annotation_file(self, shard: int) -> Path:
         """The JSON-lines file of shard ``shard``'s annotations (absent when it has none)."""
-        return self.directory / "ann" / f"{shard:06d}.jsonl"
+        return self.directory / "ann" / f"{shard:06d}.jsonl"  # lines: <image_id>\t<annotation JSON>
 
     def shard_names(self, shard: int) -> list[str]:
         """The file names of shard ``shard``'s images."""
@@ -184,8 +186,12 @@ def build_plan(cfg: ShardStageConfig, sources: list[SourceFile], fingerprint: st
     annotation_files: list[AnnotationFile] = []
     rejects: list[Reject] = []
     images_listed = 0
-    for source in sources:
-        scanned = scan_images(source.annotations)
+    spills = []
+    for index, source in enumerate(sources):
+        spill, ids_file = work / f"source{index}.jsonl", work / f"source{index}.ids"
+        with open(spill, "wb") as spill_handle, open(ids_file, "wb") as ids_handle:
+            scanned = scan_coco(source.annotations, spill_handle, ids_handle)
+        spills.append((spill, ids_file))
         if categories is not None and scanned.categories != categories:
             raise AnnotationFileError(
                 f"{source.annotations}: its category table differs from "
@@ -246,9 +252,10 @@ def build_plan(cfg: ShardStageConfig, sources: list[SourceFile], fingerprint: st
 
     annotations_listed = 0
     for index, source in enumerate(sources):
-        annotations_listed += _spill(
+        annotations_listed += _route(
             source,
             index,
+            spills[index],
             ids,
             src,
             shard_of,
@@ -257,6 +264,8 @@ def build_plan(cfg: ShardStageConfig, sources: list[SourceFile], fingerprint: st
             cfg.shard.annotation_chunk,
             rejects,
         )
+        for path in spills[index]:
+            path.unlink()
 
     plan = Plan(
         final,
@@ -281,49 +290,67 @@ def build_plan(cfg: ShardStageConfig, sources: list[SourceFile], fingerprint: st
     return plan
 
 
-def _spill(
+def _annotation_id(line: bytes) -> int | None:
+    try:
+        value = json.loads(line).get("id")
+    except (ValueError, AttributeError):
+        return None
+    return value if type(value) is int else None
+
+
+def _spill_blocks(spill: tuple[Path, Path], lines_per_block: int) -> Iterator[tuple[list[bytes], np.ndarray]]:
+    """The spilled annotation lines with their image ids, ``lines_per_block`` at a time."""
+    lines_path, ids_path = spill
+    count = ids_path.stat().st_size // 8
+    if not count:
+        return
+    image_ids = np.memmap(ids_path, dtype=np.int64, mode="r", shape=(count,))
+    done = 0
+    with open(lines_path, "rb") as handle:
+        while done < count:
+            lines = [handle.readline()[:-1] for _ in range(min(lines_per_block, count - done))]
+            yield lines, np.asarray(image_ids[done : done + len(lines)])
+            done += len(lines)
+
+
+def _route(
     source: SourceFile,
     index: int,
+    spill: tuple[Path, Path],
     ids: np.ndarray,
     src: np.ndarray,
     shard_of: np.ndarray,
     known: np.ndarray,
     ann_dir: Path,
-    chunk_size: int,
+    block: int,
     rejects: list[Reject],
 ) -> int:
-    """Append each annotation of ``source`` to its shard's file; returns how many were listed.
+    """Append each spilled annotation of ``source`` to its shard's file; returns how many were listed.
 
-    Annotations of images this split does not take (the other split, rejected images) are skipped
-    without a reject: the image-level reject or the other split accounts for them.
+    A shard file line is ``<image_id>\\t<annotation JSON as in the source>``. Annotations of images this
+    split does not take (the other split, rejected images) are skipped without a reject: the image-level
+    reject or the other split accounts for them.
     """
     listed = 0
-    for chunk in iter_annotation_chunks(source.annotations, chunk_size):
-        raw = [ann.get("image_id") for ann in chunk]
-        valid = np.fromiter((type(v) is int for v in raw), dtype=bool, count=len(raw))
-        image_ids = np.fromiter((v if type(v) is int else -1 for v in raw), dtype=np.int64, count=len(raw))
-        where = np.searchsorted(ids, image_ids).clip(max=max(len(ids) - 1, 0))
+    last = max(len(ids) - 1, 0)
+    for lines, image_ids in _spill_blocks(spill, block):
+        valid = image_ids != MISSING_ID
+        where = np.searchsorted(ids, image_ids).clip(max=last)
         taken = valid & (ids[where] == image_ids) & (src[where] == index)
-        k = np.searchsorted(known, image_ids).clip(max=max(len(known) - 1, 0))
-        unknown = valid & (known[k] != image_ids)
+        unknown = valid & (
+            known[np.searchsorted(known, image_ids).clip(max=max(len(known) - 1, 0))] != image_ids
+        )
         listed += int(taken.sum() + unknown.sum() + (~valid).sum())
-        for i in np.flatnonzero(~valid):
-            ann = chunk[i]
+        for i in np.flatnonzero(~valid).tolist():
             rejects.append(
-                Reject(
-                    -1,
-                    R.MALFORMED_ANNOTATION,
-                    ann["id"] if type(ann.get("id")) is int else None,
-                    f"image_id {raw[i]!r} is not an integer",
-                )
+                Reject(-1, R.MALFORMED_ANNOTATION, _annotation_id(lines[i]), "no integer 'image_id'")
             )
-        for i in np.flatnonzero(unknown):
-            ann = chunk[i]
+        for i in np.flatnonzero(unknown).tolist():
             rejects.append(
                 Reject(
                     int(image_ids[i]),
                     R.UNKNOWN_IMAGE,
-                    ann["id"] if type(ann.get("id")) is int else None,
+                    _annotation_id(lines[i]),
                     f"no image {image_ids[i]} in {source.annotations.name}",
                 )
             )
@@ -335,9 +362,9 @@ def _spill(
         for group in np.split(np.arange(len(rows)), bounds):
             if not len(group):
                 continue
-            lines = "".join(json.dumps(chunk[r], separators=(",", ":")) + "\n" for r in rows[group].tolist())
-            with open(ann_dir / f"{int(shards[group[0]]):06d}.jsonl", "a", encoding="utf-8") as handle:
-                handle.write(lines)
+            data = b"".join(b"%d\t%s\n" % (image_ids[r], lines[r]) for r in rows[group].tolist())
+            with open(ann_dir / f"{int(shards[group[0]]):06d}.jsonl", "ab") as handle:
+                handle.write(data)
     return listed
 
 

@@ -102,20 +102,28 @@ class _HashingWriter(io.RawIOBase):
         return view.nbytes
 
 
-def _read_annotations(path: str) -> dict[int, list[dict[str, Any]]]:
+def _read_annotations(path: str) -> tuple[dict[int, list[dict[str, Any]]], list[Reject]]:
+    """A shard's annotations by image id (lines ``<image_id>\\t<JSON>``), and rejects for unparsable ones."""
     by_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    rejects: list[Reject] = []
     if os.path.exists(path):
-        with open(path, encoding="utf-8") as handle:
+        with open(path, "rb") as handle:
             for line in handle:
-                ann = json.loads(line)
-                by_image[ann["image_id"]].append(ann)
-    return by_image
+                image_id, _, raw = line.partition(b"\t")
+                try:
+                    ann = json.loads(raw)
+                except ValueError as error:
+                    rejects.append(
+                        Reject(int(image_id), R.MALFORMED_ANNOTATION, None, f"not valid JSON: {error}")
+                    )
+                    continue
+                by_image[int(image_id)].append(ann)
+    return by_image, rejects
 
 
 def write_shard(task: ShardTask) -> ShardResult:
     """Write one shard (temporary name, fsync, rename) and its completion record; returns the record."""
-    annotations = _read_annotations(task.annotation_file)
-    rejects: list[Reject] = []
+    annotations, rejects = _read_annotations(task.annotation_file)
     fixes: Counter[str] = Counter()
     final = Path(task.split_dir) / task.name
     tmp = final.with_name(f".{task.name}.tmp-{os.getpid()}")

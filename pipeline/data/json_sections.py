@@ -1,0 +1,211 @@
+"""One pass over a large JSON object file: its top-level sections as byte streams, array elements raw.
+
+COCO-format files are one object whose few keys hold huge arrays. Parsing every token in Python (or
+lexing the file once per key of interest) is what makes Objects365-size files slow, so this module only
+locates structure: per chunk, numpy finds the quotes (and which are escaped), the brackets and commas
+outside strings and the nesting depth after each. That is enough to hand out
+
+- the raw bytes of chosen top-level values (``stream_keys``), to be parsed by whoever wants them, and
+- the raw bytes of each element of chosen top-level arrays (``element_keys``), without parsing them.
+
+Nothing per element is kept beyond one chunk. Malformed structure (unbalanced brackets, an unterminated
+string, a non-object top level, non-object elements of an element array) raises ``JSONStructureError``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import numpy as np
+
+CHUNK = 16 << 20
+_OPEN = (ord("{"), ord("["))
+_KEY_BEFORE = re.compile(rb'"((?:[^"\\]|\\.)*)"\s*:\s*$', re.DOTALL)
+_WHITESPACE = b" \t\r\n"
+
+
+class JSONStructureError(ValueError):
+    """The bytes are not a well-formed JSON object (the message says where and why)."""
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A run of raw bytes of the top-level value of ``key`` (a ``stream_keys`` key), in file order."""
+
+    key: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Elements:
+    """Raw bytes of consecutive elements of the top-level array ``key`` (an ``element_keys`` key)."""
+
+    key: str
+    items: list[bytes]
+
+
+def _unescaped_quotes(arr: np.ndarray, carry_backslashes: int) -> np.ndarray:
+    quotes = np.flatnonzero(arr == 34)
+    if not quotes.size:
+        return quotes
+    before = quotes - 1
+    suspect = np.flatnonzero((before >= 0) & (arr[np.maximum(before, 0)] == 92))
+    escaped = np.zeros(quotes.size, dtype=bool)
+    for k in suspect.tolist():  # rare: quotes preceded by a backslash; count the run
+        position, run = int(quotes[k]) - 1, 0
+        while position >= 0 and arr[position] == 92:
+            run += 1
+            position -= 1
+        if position < 0:
+            run += carry_backslashes
+        escaped[k] = run % 2 == 1
+    if quotes[0] == 0 and carry_backslashes % 2 == 1:
+        escaped[0] = True
+    return quotes[~escaped]
+
+
+def _trailing_backslashes(chunk: bytes) -> int:
+    return len(chunk) - len(chunk.rstrip(b"\\"))
+
+
+def scan(
+    handle: BinaryIO, stream_keys: frozenset[str], element_keys: frozenset[str], chunk_size: int = CHUNK
+) -> Iterator[Piece | Elements | tuple[str, int]]:
+    """Walk the JSON object in ``handle`` once; yields ``Piece``/``Elements`` and ``(key, end)`` when a
+    watched top-level value ends. Also yields ``("", bytes_read)`` after each chunk, for progress.
+
+    Raises:
+        JSONStructureError: malformed structure.
+    """
+    in_string = False
+    backslashes = 0
+    depth = 0
+    offset = 0
+    seen_root = False
+    root_closed = False
+    key: str | None = None  # the top-level key whose value is open (depth >= 2), if watched
+    tail = b""  # the last bytes before this chunk, for reading keys split across chunks
+    element_parts: list[bytes] = []  # bytes of an element that started in an earlier chunk
+    element_open = False
+    elements_seen = commas_seen = 0
+    while True:
+        chunk = handle.read(chunk_size)
+        if not chunk:
+            break
+        arr = np.frombuffer(chunk, dtype=np.uint8)
+        quotes = _unescaped_quotes(arr, backslashes if in_string else 0)
+        mask = arr == ord("{")
+        for char in b"}[],":
+            mask |= arr == char
+        structural = np.flatnonzero(mask)
+        inside = (np.searchsorted(quotes, structural) + int(in_string)) % 2 == 1
+        structural = structural[~inside]
+        chars = arr[structural]
+        delta = np.zeros(structural.size, dtype=np.int64)
+        delta[(chars == ord("{")) | (chars == ord("["))] = 1
+        delta[(chars == ord("}")) | (chars == ord("]"))] = -1
+        after = depth + np.cumsum(delta)
+        before = after - delta
+        if after.size and after.min() < 0:
+            raise JSONStructureError(
+                f"unbalanced closing bracket near byte {offset + int(structural[np.argmax(after < 0)])}"
+            )
+        # Boundaries of top-level values: opens at depth 1 -> 2, closes at 2 -> 1, root opens/closes.
+        boundary = np.flatnonzero(
+            ((before == 1) & (delta == 1)) | ((after == 1) & (delta == -1)) | (before == 0) | (after == 0)
+        )
+        segment_start = 0
+        cut_points = [*boundary.tolist(), structural.size]
+        for cut in cut_points:
+            # Structural characters [segment_start, cut) belong to the current top-level value.
+            if key is not None and key in element_keys and (cut > segment_start or element_open):
+                seg = slice(segment_start, cut)
+                s_pos, s_before, s_after, s_delta = structural[seg], before[seg], after[seg], delta[seg]
+                commas_seen += int(np.count_nonzero((s_before == 2) & (s_delta == 0)))
+                starts = s_pos[(s_before == 2) & (s_delta == 1)]
+                ends = s_pos[(s_after == 2) & (s_delta == -1)]
+                if (starts.size and arr[starts].min() != ord("{")) or (
+                    ends.size and arr[ends].min() != ord("}")
+                ):
+                    raise JSONStructureError(
+                        f"'{key}' holds an element that is not an object near byte {offset + int(s_pos[0])}"
+                    )
+                items: list[bytes] = []
+                start_list, end_list = starts.tolist(), ends.tolist()
+                if element_open and end_list:
+                    first_end = end_list.pop(0)
+                    element_parts.append(chunk[: first_end + 1])
+                    items.append(b"".join(element_parts))
+                    element_parts, element_open = [], False
+                elif element_open:
+                    element_parts.append(chunk)  # the element spans this whole chunk
+                for s, e in zip(start_list, end_list):
+                    items.append(chunk[s : e + 1])
+                if len(start_list) > len(end_list):
+                    element_parts, element_open = [chunk[start_list[-1] :]], True
+                elements_seen += len(items)
+                if items:
+                    yield Elements(key, items)
+            if cut == structural.size:
+                break
+            position = int(structural[cut])
+            if before[cut] == 0:
+                if seen_root or chars[cut] != ord("{"):
+                    raise JSONStructureError(f"the top level must be one object (byte {offset + position})")
+                seen_root = True
+            elif after[cut] == 0:
+                root_closed = True
+            elif delta[cut] == 1:  # a top-level value opens
+                window = (tail + chunk[:position])[-4096:]
+                match = _KEY_BEFORE.search(window)
+                name = match.group(1).decode("utf-8", "replace") if match else ""
+                key = name if name in stream_keys or name in element_keys else None
+                elements_seen = commas_seen = 0
+                open_at = offset + position
+                if key in stream_keys:
+                    stream_start = position
+            else:  # a top-level value closes
+                if key in stream_keys:
+                    yield Piece(key, chunk[stream_start : position + 1])
+                if key in element_keys and (
+                    commas_seen != max(elements_seen - 1, 0)
+                    or (
+                        not elements_seen
+                        and (
+                            offset + position - open_at > 4096
+                            or (tail + chunk)[len(tail) + open_at - offset + 1 : len(tail) + position].strip(
+                                _WHITESPACE
+                            )
+                        )
+                    )
+                ):
+                    raise JSONStructureError(f"'{key}' holds elements that are not objects")
+                if key is not None:
+                    yield (key, offset + position)
+                key = None
+            segment_start = cut + 1
+        if key in stream_keys:
+            yield Piece(key, chunk[stream_start:])
+            stream_start = 0
+        depth = int(after[-1]) if after.size else depth
+        if quotes.size % 2 == 1:
+            in_string = not in_string
+        trailing = _trailing_backslashes(chunk)
+        backslashes = (trailing + (backslashes if trailing == len(chunk) else 0)) if in_string else 0
+        if root_closed:
+            rest = chunk[int(structural[np.flatnonzero(after == 0)[-1]]) + 1 :]
+            if rest.strip(_WHITESPACE) or handle.read(1).strip(_WHITESPACE):
+                raise JSONStructureError("data after the end of the top-level object")
+        tail = (tail + chunk)[-4096:]
+        offset += len(chunk)
+        yield ("", offset)
+    if not seen_root:
+        raise JSONStructureError("empty file or no top-level object")
+    if in_string or depth != 0 or not root_closed:
+        raise JSONStructureError(
+            f"the file ends inside {'a string' if in_string else 'an open object or array'} "
+            f"(depth {depth}): truncated?"
+        )
