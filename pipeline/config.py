@@ -60,6 +60,18 @@ COMMANDS: dict[str, Command] = {
     command.name: command
     for command in (
         Command(
+            "shard",
+            "pipeline.data.config:ShardStageConfig",
+            "pipeline.data.shard:run",
+            "shard a COCO-format dataset into WebDataset tars (verify=true: re-read and check them)",
+        ),
+        Command(
+            "make-demo-data",
+            "pipeline.data.config:DemoDataConfig",
+            "pipeline.data.demo_dataset:run",
+            "write the embedded coloured-shapes dataset (COCO format, two label spaces)",
+        ),
+        Command(
             "model-info",
             "pipeline.model_info:ModelInfoConfig",
             "pipeline.model_info:run",
