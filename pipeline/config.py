@@ -83,6 +83,12 @@ COMMANDS: dict[str, Command] = {
             "pipeline.predict:run",
             "detect objects in a folder of images with an official or our own checkpoint",
         ),
+        Command(
+            "eval",
+            "pipeline.evaluation.stage:EvalStageConfig",
+            "pipeline.evaluation.stage:run",
+            "score a checkpoint on an evaluation split (COCO AP, ATD, with and without TTA)",
+        ),
     )
 }
 
@@ -109,18 +115,17 @@ def structured(obj: Any) -> DictConfig:
     return _unlocked(OmegaConf.structured(obj))
 
 
-def register() -> None:
-    """Register the model presets and every command's schema in Hydra's ConfigStore (idempotent)."""
+def register(command: Command) -> None:
+    """Register the model presets and ``command``'s schema in Hydra's ConfigStore (idempotent)."""
     store = ConfigStore.instance()
     for name, model in PRESETS.items():
         store.store(group="model", name=name, node=structured(model))
-    for command in COMMANDS.values():
-        store.store(name=f"{command.config_name}_schema", node=structured(command.schema_class()))
+    store.store(name=f"{command.config_name}_schema", node=structured(command.schema_class()))
 
 
 def compose(command: str, overrides: list[str] | None = None) -> DictConfig:
     """Compose a command's config as the CLI would (for tests and orchestration), without running it."""
-    register()
+    register(COMMANDS[command])
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name=COMMANDS[command].config_name, overrides=overrides or [])
 

@@ -6,7 +6,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +20,9 @@ import pytest
 import torch
 
 from dino_core.builder import build_dino
+from dino_core.config import config_to_dict
 from dino_core.presets import preset
+from pipeline.checkpoint import ModelCard, save_model
 from pipeline.data.manifest import (
     SCHEMA_VERSION,
     AnnotationFile,
@@ -26,12 +34,14 @@ from pipeline.data.manifest import (
 )
 from pipeline.evaluation.coco_scoring import STAT_NAMES
 from pipeline.evaluation.config import EvalConfig, TTAConfig
-from pipeline.evaluation.samples import eval_samples
+from pipeline.evaluation.samples import eval_samples, images_of_rank
 from pipeline.evaluation.stage import (
     CheckpointMismatchError,
+    EvalStageConfig,
     atd_function,
     check_checkpoint,
     manifest_sha256,
+    run,
     run_evaluation,
 )
 
@@ -126,12 +136,13 @@ def categories_of(manifest_path: Path) -> list[dict[str, Any]]:
 @pytest.mark.parametrize(("world_size", "workers"), [(1, 0), (1, 2), (2, 2), (3, 1)])
 def test_every_image_exactly_once_over_ranks_and_workers(split: Path, world_size: int, workers: int) -> None:
     manifest = load_manifest(split)
-    ids = [
-        s.image_id for rank in range(world_size) for s in eval_samples(manifest, rank, world_size, workers)
+    per_rank = [
+        [s.image_id for s in eval_samples(manifest, r, world_size, workers)] for r in range(world_size)
     ]
-    assert sorted(ids) == sorted(
-        json.loads((SAMPLE / "instances.json").read_text())["images"][i]["id"] for i in range(12)
-    )
+    expected = [images_of_rank(manifest, r, world_size, workers) for r in range(world_size)]
+    assert [len(ids) for ids in per_rank] == expected
+    all_ids = sorted(im["id"] for im in json.loads((SAMPLE / "instances.json").read_text())["images"])
+    assert sorted(i for ids in per_rank for i in ids) == all_ids and len(all_ids) == 12
     sample = next(iter(eval_samples(manifest, 0, 1, 0)))
     assert sample.image.dtype == torch.uint8 and tuple(sample.image.shape[1:]) == (
         sample.record["height"],
@@ -214,23 +225,108 @@ def test_metrics_do_not_depend_on_the_batch_size(
     ).read_bytes()
 
 
+def card_for(categories: list[dict[str, Any]], model: str = "debug", **changes: Any) -> ModelCard:
+    return ModelCard(model=config_to_dict(replace(preset(model), **changes)), classes=categories, step=7)
+
+
 def test_check_checkpoint_refuses_a_mismatch(split: Path) -> None:
     ours = categories_of(split)
-    check_checkpoint("debug", ours, 91, ours, expected_preset=None)  # fits
-    check_checkpoint(
-        "debug", list(reversed(ours)), 91, ours, expected_preset="debug"
-    )  # order does not matter
+    check_checkpoint(card_for(ours), ours, model=None)
+    check_checkpoint(card_for(list(reversed(ours))), ours, model=preset("debug"))  # order does not matter
     with pytest.raises(
-        CheckpointMismatchError, match=r"'dino_r50_4scale' model but the config asks for preset='debug'"
+        CheckpointMismatchError, match=r"is a dino_r50_4scale model, the config asks for debug"
     ):
-        check_checkpoint("dino_r50_4scale", ours, 91, ours, expected_preset="debug")
+        check_checkpoint(card_for(ours, "dino_r50_4scale"), ours, model=preset("debug"))
+    with pytest.raises(
+        CheckpointMismatchError, match=r"custom model.*model.num_queries: checkpoint 50, config 30"
+    ):
+        check_checkpoint(card_for(ours, num_queries=50), ours, model=preset("debug"))
     o365 = [{"id": i, "name": f"o365_{i}"} for i in range(1, 366)]
     with pytest.raises(
         CheckpointMismatchError, match=r"class table \(365 classes\) does not match .* \(80\)"
     ):
-        check_checkpoint("debug", o365, 366, ours, expected_preset=None)
+        check_checkpoint(card_for(o365, num_classes=366), ours, model=None)
     renamed = [{**c, "name": "mug"} if c["id"] == 47 else c for c in ours]
     with pytest.raises(CheckpointMismatchError, match=r"named differently \[\(47, 'mug', 'cup'\)\]"):
-        check_checkpoint("debug", renamed, 91, ours, expected_preset=None)
+        check_checkpoint(card_for(renamed), ours, model=None)
     with pytest.raises(CheckpointMismatchError, match=r"not below the checkpoint's num_classes=81"):
-        check_checkpoint("debug", ours, 81, ours, expected_preset=None)
+        check_checkpoint(card_for(ours, num_classes=81), ours, model=None)
+
+
+STAGE_OVERRIDES = [
+    "eval.short_side=160",
+    "eval.max_size=256",
+    "eval.num_workers=0",
+    "eval.draw_images=1",
+    "eval.atd_k=50",
+    "device=cpu",
+]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory, debug_model: torch.nn.Module, split: Path) -> Path:
+    directory = tmp_path_factory.mktemp("checkpoint") / "debug"
+    save_model(directory, debug_model.state_dict(), card_for(categories_of(split)))
+    return directory
+
+
+def test_stage_refuses_a_mismatched_checkpoint_before_inference(
+    checkpoint: Path, split: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The manifest without its shards: any inference would fail on reading them.
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(split, data / "manifest.json")
+    other = tmp_path / "o365"
+    shutil.copytree(checkpoint, other)
+    card = json.loads((other / "model.json").read_text())
+    card["classes"] = [{"id": i, "name": f"o365_{i}"} for i in range(1, 81)]
+    (other / "model.json").write_text(json.dumps(card))
+    cases = [
+        (checkpoint, preset("dino_r50_4scale"), "is a debug model, the config asks for dino_r50_4scale"),
+        (other, None, "class table (80 classes) does not match"),
+    ]
+    for directory, model, message in cases:
+        cfg = EvalStageConfig(
+            checkpoint=directory, data=data, out=tmp_path / "out", model=model, device="cpu"
+        )
+        assert run(cfg) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "out").exists()
+
+
+def test_cli_one_process_batch_1_and_two_processes_batch_4_write_the_same_results(
+    checkpoint: Path, split: Path, tmp_path: Path
+) -> None:
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    common = ["-m", "pipeline", "eval", f"checkpoint={checkpoint}", f"data={split}", *STAGE_OVERRIDES]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    commands = {
+        "one": [sys.executable, *common, f"out={tmp_path / 'one'}", "eval.batch_size=1"],
+        "two": [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={port}",
+            *common,
+            f"out={tmp_path / 'two'}",
+            "eval.batch_size=4",
+        ],
+    }
+    procs = {
+        k: subprocess.Popen(c, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for k, c in commands.items()
+    }
+    logs = {k: p.communicate(timeout=300)[0] for k, p in procs.items()}
+    assert all(p.returncode == 0 for p in procs.values()), logs
+    one, two = (json.loads((tmp_path / k / "metrics.json").read_text()) for k in ("one", "two"))
+    assert one["results"] == two["results"] and one["num_images"] == two["num_images"] == 12
+    assert (one["settings"]["world_size"], two["settings"]["world_size"]) == (1, 2)
+    assert one["checkpoint"]["preset"] == "debug" and one["checkpoint"]["step"] == 7
+    assert (tmp_path / "one" / "detections.json").read_bytes() == (
+        tmp_path / "two" / "detections.json"
+    ).read_bytes()

@@ -80,6 +80,17 @@ class EvalSampleStream(IterableDataset):
             yield decode_eval_sample(raw)
 
 
+def images_of_rank(manifest: Manifest, rank: int, world_size: int, num_workers: int) -> int:
+    """How many images :func:`eval_samples` gives ``rank`` (from the manifest's counts; for the ETA)."""
+    workers = max(1, num_workers)
+    slots = world_size * workers
+    counts = [shard.num_samples for shard in manifest.shards]
+    mine = range(rank * workers, (rank + 1) * workers)
+    if len(counts) >= slots:
+        return sum(sum(counts[slot::slots]) for slot in mine)
+    return sum(len(range(slot, sum(counts), slots)) for slot in mine)
+
+
 def _one_thread(_: int) -> None:
     torch.set_num_threads(1)
 

@@ -26,11 +26,13 @@ from torch import nn
 from dino_core.atd import anchor_distances
 from dino_core.builder import build_criterion
 from dino_core.config import DINOConfig
-from pipeline.data.manifest import Manifest
+from dino_core.presets import PRESETS
+from pipeline.checkpoint import ModelCard, load_card, load_checkpoint
+from pipeline.data.manifest import Manifest, ManifestError, load_manifest
 from pipeline.evaluation.config import EvalConfig, TTAConfig
 from pipeline.evaluation.engine import AnchorDistances, EvalRun, evaluate
 from pipeline.evaluation.outputs import Tracker, flat_metrics, write_outputs
-from pipeline.evaluation.samples import EvalSample
+from pipeline.evaluation.samples import EvalSample, eval_samples, images_of_rank
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +46,14 @@ class EvalStageConfig:
     """``python -m pipeline eval``: score a checkpoint on an evaluation split, with and without TTA."""
 
     checkpoint: Path | None = None
-    """Checkpoint directory (``model.safetensors`` + ``model.json``). Required."""
+    """A model directory (``model.safetensors`` + ``model.json``) or an official DINO ``.pth``. Required."""
     data: Path | None = None
     """The evaluation split: its ``manifest.json`` or the folder holding it. Required."""
     out: Path = Path("outputs/eval")
     """The stage's directory: metrics.json, detections*.json, pr_curve.png, drawn/."""
-    preset: str | None = None
-    """Refuse a checkpoint of another model preset (None: accept the checkpoint's preset)."""
+    model: DINOConfig | None = None
+    """``model=<preset>``: refuse a checkpoint of another architecture (required for official files);
+    None: the checkpoint's own ``model.json`` defines it."""
     shards: str | None = None
     """Where the shard files are, as a template with ``{name}`` (None: beside the manifest)."""
     device: str = "auto"
@@ -60,55 +63,74 @@ class EvalStageConfig:
 
     def __post_init__(self) -> None:
         if self.checkpoint is None:
-            raise ValueError("checkpoint must be set: checkpoint=DIR (a directory with model.json)")
+            raise ValueError("checkpoint must be set: checkpoint=DIR (a model directory with model.json)")
         if self.data is None:
             raise ValueError("data must be set: data=MANIFEST (an evaluation split's manifest.json)")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
 
 
-def check_checkpoint(
-    card_preset: str,
-    card_classes: list[dict[str, Any]],
-    num_classes: int,
-    categories: list[dict[str, Any]],
-    expected_preset: str | None,
-) -> None:
-    """Refuse a checkpoint that does not fit the data or the config (called before any inference).
+def check_checkpoint(card: ModelCard, categories: list[dict[str, Any]], model: DINOConfig | None) -> None:
+    """Refuse a checkpoint that does not fit the data or the config; called before any inference.
 
     Args:
-        card_preset: the checkpoint's model preset name.
-        card_classes: its class table, ``[{"id", "name"}]`` (the dataset category ids it was trained on).
-        num_classes: its classification head size (class index == category id, so ids must be below it).
-        categories: the evaluation split's category table (the manifest's).
-        expected_preset: the preset the config asks for (None: any).
+        card: the checkpoint's card: its architecture (``card.config``) and class table (``card.classes``,
+            the dataset category ids it predicts: class index == category id).
+        categories: the evaluation split's category table (the manifest's ``id``/``name``).
+        model: the architecture the config asks for (``model=<preset>``), or None for any.
 
     Raises:
         CheckpointMismatchError: naming what differs and what to do.
     """
-    if expected_preset is not None and card_preset != expected_preset:
+    config = card.config
+    if model is not None and config != model:
+        ours, theirs = _flat(asdict(model)), _flat(asdict(config))
+        differing = [
+            f"{k}: checkpoint {theirs.get(k)!r}, config {ours.get(k)!r}"
+            for k in sorted(ours)
+            if ours[k] != theirs.get(k)
+        ]
         raise CheckpointMismatchError(
-            f"the checkpoint is a {card_preset!r} model but the config asks for preset={expected_preset!r}; "
-            f"pass preset={card_preset} (or preset=null) or evaluate a {expected_preset} checkpoint"
+            f"the checkpoint is a {_preset_name(config) or 'custom'} model, the config asks for "
+            f"{_preset_name(model) or 'another architecture'} ({'; '.join(differing[:6])}); drop the "
+            "model= override (the checkpoint's model.json defines the architecture) or evaluate a matching "
+            "checkpoint"
         )
-    theirs = {int(c["id"]): str(c["name"]) for c in card_classes}
-    ours = {int(c["id"]): str(c["name"]) for c in categories}
-    if theirs != ours:
-        only_model = sorted(set(theirs) - set(ours))
-        only_data = sorted(set(ours) - set(theirs))
-        renamed = sorted(i for i in set(ours) & set(theirs) if ours[i] != theirs[i])
+    theirs_classes = {int(c["id"]): str(c["name"]) for c in card.classes}
+    ours_classes = {int(c["id"]): str(c["name"]) for c in categories}
+    if theirs_classes != ours_classes:
+        only_model = sorted(set(theirs_classes) - set(ours_classes))
+        only_data = sorted(set(ours_classes) - set(theirs_classes))
+        renamed = sorted(
+            i for i in set(ours_classes) & set(theirs_classes) if ours_classes[i] != theirs_classes[i]
+        )
         raise CheckpointMismatchError(
-            f"the checkpoint's class table ({len(theirs)} classes) does not match the evaluation data's "
-            f"category table ({len(ours)}): ids only in the checkpoint {only_model[:10]}, only in the data "
-            f"{only_data[:10]}, named differently {[(i, theirs[i], ours[i]) for i in renamed[:5]]}; evaluate "
-            "on the split the model was trained for, or fine-tune it on this label space first"
+            f"the checkpoint's class table ({len(theirs_classes)} classes) does not match the evaluation "
+            f"data's category table ({len(ours_classes)}): ids only in the checkpoint {only_model[:10]}, "
+            f"only in the data {only_data[:10]}, named differently "
+            f"{[(i, theirs_classes[i], ours_classes[i]) for i in renamed[:5]]}; evaluate on the split the "
+            "model was trained for, or fine-tune it on this label space first"
         )
-    too_large = [i for i in ours if i >= num_classes]
+    too_large = sorted(i for i in ours_classes if i >= config.num_classes)
     if too_large:
         raise CheckpointMismatchError(
-            f"category ids {too_large[:10]} are not below the checkpoint's num_classes={num_classes}; "
+            f"category ids {too_large[:10]} are not below the checkpoint's num_classes={config.num_classes}; "
             "class index == category id, so the model cannot predict them"
         )
+
+
+def _flat(tree: dict[str, Any], prefix: str = "model.") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _preset_name(config: DINOConfig) -> str | None:
+    return next((name for name, preset in PRESETS.items() if preset == config), None)
 
 
 def atd_function(model_cfg: DINOConfig) -> AnchorDistances:
@@ -166,6 +188,72 @@ def run_evaluation(
         tracker.log_metrics(flat_metrics(run), step=step)
         tracker.log_artifacts(out_dir, artifact_path=None if step is None else f"eval/epoch_{step:03d}")
     return run
+
+
+def run(cfg: EvalStageConfig) -> int:
+    """The ``eval`` command: every rank evaluates its share, rank 0 writes ``cfg.out``; the exit code."""
+    assert cfg.checkpoint is not None and cfg.data is not None  # checked by EvalStageConfig
+    device = _device(cfg.device)
+    created = _init_distributed(device)
+    try:
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        try:
+            manifest = load_manifest(cfg.data)
+        except ManifestError as error:
+            return _error(str(error))
+        categories = [{"id": c.id, "name": c.name} for c in manifest.categories]
+        try:
+            if cfg.checkpoint.is_dir():
+                # Refuse on the card alone, before reading any weights.
+                check_checkpoint(load_card(cfg.checkpoint), categories, cfg.model)
+            model, card = load_checkpoint(cfg.checkpoint, cfg.model, device)
+            check_checkpoint(card, categories, cfg.model)
+        except ValueError as error:  # CheckpointMismatchError, or an unreadable checkpoint
+            return _error(str(error))
+        header = {
+            "checkpoint": {
+                "path": str(cfg.checkpoint.resolve()),
+                "preset": _preset_name(card.config),
+                "step": card.step,
+                "epoch": card.epoch,
+                "stage": card.stage,
+                "ema": card.ema,
+                "source": card.source,
+            },
+            "dataset": {
+                "manifest": manifest.location,
+                "manifest_sha256": manifest_sha256(manifest),
+                "dataset": manifest.dataset,
+                "split": manifest.split,
+            },
+        }
+        if rank == 0:
+            log.info(
+                "eval: %s on %s/%s (%d images), %d rank(s), device %s",
+                cfg.checkpoint,
+                manifest.dataset,
+                manifest.split,
+                manifest.num_samples,
+                world,
+                device,
+            )
+        run_evaluation(
+            model,
+            eval_samples(manifest, rank, world, cfg.eval.num_workers, cfg.shards),
+            categories,
+            cfg.eval,
+            cfg.tta,
+            cfg.out,
+            header,
+            anchor_distances=atd_function(card.config),
+            expected_images=images_of_rank(manifest, rank, world, cfg.eval.num_workers),
+        )
+        if rank == 0:
+            log.info("eval: wrote %s", cfg.out / "metrics.json")
+        return 0
+    finally:
+        if created:
+            dist.destroy_process_group()
 
 
 def _fmt(value: float | None) -> str:
