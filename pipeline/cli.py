@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    register()
+    register(command)
     status: list[int | None] = []
 
     @hydra.main(config_path=str(CONF_DIR), config_name=command.config_name, version_base="1.3")
