@@ -44,7 +44,8 @@ def _collect(text: str, chunk_size: int) -> tuple[dict[str, str], dict[str, list
         if isinstance(event, Piece):
             pieces[event.key] = pieces.get(event.key, "") + event.data.decode()
         elif isinstance(event, Elements):
-            elements.setdefault(event.key, []).extend(event.items)
+            assert len(event.items()) == event.count
+            elements.setdefault(event.key, []).extend(event.items())
         elif event[0]:
             closed.append(event[0])
     return pieces, elements, closed

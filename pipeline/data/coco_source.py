@@ -25,6 +25,7 @@ import numpy as np
 
 from pipeline.data import json_sections
 from pipeline.data.config import DatasetConfig
+from pipeline.data.json_sections import SEPARATOR
 from pipeline.data.manifest import Category
 
 READ_CHUNK = 1 << 20
@@ -252,16 +253,22 @@ def scan_coco(path: Path, spill: BinaryIO, image_ids: BinaryIO) -> ScannedFile:
             ):
                 if isinstance(event, json_sections.Elements):
                     found.add("annotations")
-                    lines, ids = [], array("q")
-                    for raw in event.items:
-                        match = _IMAGE_ID.search(raw)
-                        ids.append(int(match.group(1)) if match else MISSING_ID)
-                        if b"\n" in raw or b"\r" in raw:
-                            raw = raw.replace(b"\n", b" ").replace(b"\r", b" ")
-                        lines.append(raw)
-                    spill.write(b"\n".join(lines) + b"\n")
+                    data = event.data
+                    if b"\n" in data or b"\r" in data:  # whitespace between tokens (raw newlines are not
+                        data = data.replace(b"\n", b" ").replace(b"\r", b" ")  # allowed inside strings)
+                    found_ids = _IMAGE_ID.findall(data)
+                    if len(found_ids) != event.count:  # some annotation lacks (or repeats) image_id
+                        found_ids = [
+                            next(iter(_IMAGE_ID.findall(raw)), None) for raw in data.split(SEPARATOR)
+                        ]
+                    ids = np.fromiter(
+                        (MISSING_ID if v is None else int(v) for v in found_ids),
+                        dtype=np.int64,
+                        count=event.count,
+                    )
+                    spill.write(data.replace(SEPARATOR, b"\n") + b"\n")
                     image_ids.write(ids.tobytes())
-                    annotations += len(lines)
+                    annotations += event.count
                 elif isinstance(event, json_sections.Piece):
                     found.add(event.key)
                     if event.key == "images":

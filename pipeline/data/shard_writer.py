@@ -102,14 +102,18 @@ class _HashingWriter(io.RawIOBase):
         return view.nbytes
 
 
-def _read_annotations(path: str) -> tuple[dict[int, list[dict[str, Any]]], list[Reject]]:
-    """A shard's annotations by image id (lines ``<image_id>\\t<JSON>``), and rejects for unparsable ones."""
-    by_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
+def _read_annotations(path: str) -> tuple[dict[int, list[tuple[dict[str, Any], bytes]]], list[Reject]]:
+    """A shard's annotations by image id as (parsed, source bytes) pairs, and rejects for unparsable ones.
+
+    The file's lines are ``<image_id>\\t<annotation JSON as in the source>``.
+    """
+    by_image: dict[int, list[tuple[dict[str, Any], bytes]]] = defaultdict(list)
     rejects: list[Reject] = []
     if os.path.exists(path):
         with open(path, "rb") as handle:
             for line in handle:
                 image_id, _, raw = line.partition(b"\t")
+                raw = raw.strip()
                 try:
                     ann = json.loads(raw)
                 except ValueError as error:
@@ -117,8 +121,48 @@ def _read_annotations(path: str) -> tuple[dict[int, list[dict[str, Any]]], list[
                         Reject(int(image_id), R.MALFORMED_ANNOTATION, None, f"not valid JSON: {error}")
                     )
                     continue
-                by_image[int(image_id)].append(ann)
+                by_image[int(image_id)].append((ann, raw))
     return by_image, rejects
+
+
+def _read_image(task: ShardTask, i: int) -> tuple[bytes, str] | Reject:
+    """The image bytes and their extension, or the reject saying why the image cannot be used."""
+    image_id, name = int(task.ids[i]), task.file_names[i]
+    try:
+        with open(task.paths[i], "rb") as image_file:
+            data = image_file.read()
+    except FileNotFoundError:
+        return Reject(image_id, R.MISSING_IMAGE, None, name)
+    except OSError as error:
+        return Reject(image_id, R.UNREADABLE_IMAGE, None, f"{name}: {error}")
+    try:
+        probe = probe_image(data, task.decode_check)
+    except ImageDecodeError as error:
+        return Reject(image_id, R.UNDECODABLE_IMAGE, None, f"{name}: {error}")
+    width, height = int(task.widths[i]), int(task.heights[i])
+    if (probe.width, probe.height) != (width, height):
+        return Reject(
+            image_id,
+            R.SIZE_MISMATCH,
+            None,
+            f"{name} is {probe.width}x{probe.height}, the record says {width}x{height}",
+        )
+    return data, probe.extension
+
+
+def _record(task: ShardTask, i: int, kept: list[dict[str, Any]], raw_of: dict[int, bytes]) -> bytes:
+    """The sample's JSON; kept annotations that were not repaired go in as their source bytes."""
+    head = json.dumps(
+        {
+            "id": int(task.ids[i]),
+            "file_name": task.file_names[i],
+            "width": int(task.widths[i]),
+            "height": int(task.heights[i]),
+        },
+        separators=(",", ":"),
+    )
+    anns = b",".join(raw_of.get(id(ann)) or json.dumps(ann, separators=(",", ":")).encode() for ann in kept)
+    return head[:-1].encode("utf-8") + b',"annotations":[' + anns + b"]}"
 
 
 def write_shard(task: ShardTask) -> ShardResult:
@@ -132,53 +176,28 @@ def write_shard(task: ShardTask) -> ShardResult:
         hashing = _HashingWriter(handle)
         with tarfile.open(fileobj=hashing, mode="w|", format=tarfile.USTAR_FORMAT) as writer:
             for i, image_id in enumerate(task.ids.tolist()):
-                width, height = int(task.widths[i]), int(task.heights[i])
-                anns = annotations.get(image_id, [])
-                try:
-                    with open(task.paths[i], "rb") as image_file:
-                        data = image_file.read()
-                except FileNotFoundError:
-                    rejects.append(Reject(image_id, R.MISSING_IMAGE, None, task.file_names[i]))
+                image = _read_image(task, i)
+                if isinstance(image, Reject):
+                    rejects.append(image)
                     continue
-                except OSError as error:
-                    rejects.append(
-                        Reject(image_id, R.UNREADABLE_IMAGE, None, f"{task.file_names[i]}: {error}")
-                    )
-                    continue
+                data, extension = image
                 image_bytes += len(data)
-                try:
-                    probe = probe_image(data, task.decode_check)
-                except ImageDecodeError as error:
-                    rejects.append(
-                        Reject(image_id, R.UNDECODABLE_IMAGE, None, f"{task.file_names[i]}: {error}")
-                    )
-                    continue
-                if (probe.width, probe.height) != (width, height):
-                    rejects.append(
-                        Reject(
-                            image_id,
-                            R.SIZE_MISMATCH,
-                            None,
-                            f"{task.file_names[i]} is "
-                            f"{probe.width}x{probe.height}, the record says {width}x{height}",
-                        )
-                    )
-                    continue
+                pairs = annotations.get(image_id, [])
                 kept, ann_rejects, ann_fixes = check_annotations(
-                    anns, image_id, width, height, task.category_ids, repair=task.repair
+                    [ann for ann, _ in pairs],
+                    image_id,
+                    int(task.widths[i]),
+                    int(task.heights[i]),
+                    task.category_ids,
+                    repair=task.repair,
                 )
                 rejects += ann_rejects
                 fixes.update(ann_fixes)
-                record = {
-                    "id": image_id,
-                    "file_name": task.file_names[i],
-                    "width": width,
-                    "height": height,
-                    "annotations": kept,
-                }
                 key = f"{image_id:0{KEY_DIGITS}d}"
-                _add_member(writer, f"{key}.{probe.extension}", data)
-                _add_member(writer, f"{key}.json", json.dumps(record, separators=(",", ":")).encode("utf-8"))
+                _add_member(writer, f"{key}.{extension}", data)
+                _add_member(
+                    writer, f"{key}.json", _record(task, i, kept, {id(ann): raw for ann, raw in pairs})
+                )
                 samples += 1
                 kept_annotations += len(kept)
         handle.flush()
