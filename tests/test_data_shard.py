@@ -353,3 +353,39 @@ def test_load_manifest_errors(coco_sample_shards: Path, tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(ManifestError, match="malformed manifest"):
         load_manifest(tmp_path / "manifest.json")
+
+
+def test_cli_configs_compose_and_validate(tmp_path: Path) -> None:
+    from pipeline.config import compose, validate
+    from pipeline.data.config import DemoDataConfig
+
+    cfg = validate(
+        compose(
+            "shard",
+            [
+                "dataset=coco_format",
+                f"dataset.images={tmp_path}",
+                f"dataset.annotations={tmp_path / 'a.json'}",
+                f"out={tmp_path}",
+                "shard.images_per_shard=7",
+            ],
+        )
+    )
+    assert isinstance(cfg, ShardStageConfig) and cfg.shard.images_per_shard == 7
+    assert cfg.split_dir == tmp_path / "coco_format" / "train" and isinstance(cfg.dataset.images, Path)
+    o365 = validate(compose("shard", ["dataset=o365", f"dataset.root={tmp_path}", "dataset.split=val"]))
+    assert (
+        o365.dataset.kind == "o365"
+        and o365.dataset.o365_val_holdout == 5000
+        and o365.shard.images_per_shard is None
+    )
+    demo = validate(compose("shard", ["dataset=demo_pretrain", "dataset.split=val"]))
+    assert str(demo.dataset.annotations).endswith("pretrain/annotations/instances_val.json")
+    assert isinstance(validate(compose("make-demo-data", [f"out={tmp_path}"])), DemoDataConfig)
+    with pytest.raises(ValueError, match=r"shard\.images_per_shard"):
+        validate(
+            compose(
+                "shard",
+                [f"dataset.images={tmp_path}", f"dataset.annotations={tmp_path}", "shard.images_per_shard=0"],
+            )
+        )
