@@ -8,7 +8,9 @@ denoising noise bound) are derived, never stored.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 QUERY_SELECTIONS = ("static", "pure", "mixed")
 DENOISING_MODES = ("cdn", "dn", "none")
@@ -182,3 +184,26 @@ class DINOConfig:
     def backbone_levels(self) -> int:
         """How many backbone stages feed the neck (the rest of the levels are extra convolutions)."""
         return self.num_levels - 1
+
+
+def config_to_dict(cfg: DINOConfig) -> dict:
+    """The config as plain JSON-able data (for model cards)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict) -> DINOConfig:
+    """Rebuild a :class:`DINOConfig` from :func:`config_to_dict` output; unknown keys raise ValueError."""
+    return _from_dict(DINOConfig, data, "model")
+
+
+def _from_dict(cls: type, data: dict, path: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown}; known: {sorted(fields)}")
+    nested = {BackboneConfig, DenoisingConfig, LossConfig}
+    kwargs = {}
+    for name, value in data.items():
+        field_type = next((c for c in nested if c.__name__ == str(fields[name].type)), None)
+        kwargs[name] = _from_dict(field_type, value, f"{path}.{name}") if field_type is not None else value
+    return cls(**kwargs)

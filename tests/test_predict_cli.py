@@ -1,0 +1,118 @@
+"""``python -m pipeline predict`` and ``model-info`` through the real CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from official_fixture import FIXTURE_DIR, IMAGES, MAX_SIZE, SHORT_SIDE, official_layout_weights
+
+from pipeline.data.transforms import eval_transform
+
+
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def official_checkpoint(tmp_path_factory, coco_sample) -> tuple[Path, Path, dict]:
+    """An official-layout ``.pth`` (with the release's argparse namespace) and a folder of two images."""
+    root = tmp_path_factory.mktemp("official")
+    payload = json.loads((FIXTURE_DIR / "r50_4scale.json").read_text())
+    checkpoint = root / "checkpoint0011_4scale.pth"
+    weights = official_layout_weights([(k, s) for k, s in payload["key_shapes"]])
+    torch.save({"model": weights, "args": argparse.Namespace(lr=1e-4), "epoch": 11}, checkpoint)
+    images = root / "images"
+    images.mkdir()
+    for name in IMAGES:
+        shutil.copy(coco_sample / "images" / name, images / name)
+    return checkpoint, images, payload["predict"]
+
+
+def test_predict_on_an_official_checkpoint_matches_the_official_code(official_checkpoint, tmp_path) -> None:
+    checkpoint, images, expected = official_checkpoint
+    output = tmp_path / "detections.json"
+    result = _cli(
+        "predict",
+        "model=dino_r50_4scale",
+        # The official code's pure-PyTorch deformable attention; the fused op's agreement with it is
+        # tested with the kernels.
+        "model.msda=reference",
+        f"checkpoint={checkpoint}",
+        f"images={images}",
+        f"output={output}",
+        f"short_side={SHORT_SIDE}",
+        f"max_size={MAX_SIZE}",
+        "draw=true",
+        "device=cpu",
+    )
+    assert result.returncode == 0, result.stderr
+    ours = json.loads(output.read_text())
+    assert len(ours) == len(expected["records"]) == 300 * len(IMAGES)
+    for mine, official in zip(ours, expected["records"]):
+        assert mine["file_name"] == official["file_name"]
+        assert mine["category_id"] == official["category_id"]
+        assert mine["score"] == pytest.approx(official["score"], abs=2e-5)
+        assert mine["bbox"] == pytest.approx(official["bbox"], abs=0.02)
+    assert sorted(p.name for p in (tmp_path / "detections_drawn").iterdir()) == [
+        n.replace(".jpg", ".png") for n in IMAGES
+    ]
+    # Our eval transform gives the official transform's sizes; pixels differ by at most one level
+    # (torchvision's antialiased resize vs PIL's).
+    for check in expected["transform_check"]:
+        height, width = (480, 640) if check["file_name"] == IMAGES[0] else (427, 640)
+        assert (
+            list(eval_transform(SHORT_SIDE, MAX_SIZE).output_size(height, width))
+            == check["official_transform_size"]
+        )
+        assert check["max_abs_pixel_difference"] <= 1.1
+
+
+def test_predict_refuses_bad_input_before_loading_a_model(official_checkpoint, tmp_path) -> None:
+    checkpoint, images, _ = official_checkpoint
+    broken = tmp_path / "broken"
+    shutil.copytree(images, broken)
+    (broken / "truncated.jpg").write_bytes((images / IMAGES[0]).read_bytes()[:200])
+    result = _cli(
+        "predict",
+        "model=dino_r50_4scale",
+        f"checkpoint={checkpoint}",
+        f"images={broken}",
+        f"output={tmp_path}/o.json",
+    )
+    assert (
+        result.returncode != 0 and "unreadable images" in result.stderr and "truncated.jpg" in result.stderr
+    )
+    result = _cli("predict", f"checkpoint={checkpoint}", f"images={images}", f"output={tmp_path}/o.json")
+    assert result.returncode != 0 and "name its preset, e.g. model=dino_r50_4scale" in result.stderr
+    result = _cli(
+        "predict",
+        "model=dino_r50_5scale",
+        f"checkpoint={checkpoint}",
+        f"images={images}",
+        f"output={tmp_path}/o.json",
+    )
+    assert result.returncode != 0 and "does not fit this model preset" in result.stderr
+    assert not (tmp_path / "o.json").exists()
+
+
+def test_model_info_reports_every_preset() -> None:
+    from dino_core import PRESETS
+
+    for name in ("dino_r50_4scale", "dino_swinl_4scale", "debug"):
+        result = _cli("model-info", f"model={name}")
+        assert result.returncode == 0, result.stderr
+        info = json.loads(result.stdout)
+        assert info["preset"] == name and info["total_params"] >= info["trainable_params"] > 0
+    assert json.loads(_cli("model-info", "model=dino_swinl_5scale").stdout)["total_params"] == 217_576_690
+    bad = _cli("model-info", "model.num_levels=9")
+    assert bad.returncode != 0 and "model.num_levels must be in [2, 5], got 9" in bad.stderr
+    unknown = _cli("model-info", "model=resnet")
+    assert unknown.returncode != 0 and "Could not find 'model/resnet'" in unknown.stderr
+    assert len(PRESETS) >= 16
