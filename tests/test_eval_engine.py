@@ -1,5 +1,5 @@
 """The evaluation engine with a synthetic detector: perfect detections score 1 in every mode, ATD, batching,
-and the same detections and metrics for any batch size and for 1 or 2 ranks (gloo, two processes).
+and the same detections and metrics for any batch size (ranks: tests/test_eval_stage.py, real model).
 
 The detector finds coloured rectangles (channel c -> category 1, 44 or 90: ids with COCO's gaps) in the
 image it is given; images have short side 100 and the resizes are integer factors with nearest-neighbour
@@ -9,18 +9,12 @@ sampling, so every augmentation maps the boxes back exactly.
 from __future__ import annotations
 
 import json
-import os
 import random
-import socket
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import asdict
-from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torchvision.transforms import v2
 
@@ -214,51 +208,3 @@ def test_batch_size_does_not_change_anything() -> None:
     reference = comparable(run(make_samples(), batch_size=1))
     for batch_size in (2, 4):
         assert comparable(run(make_samples(), batch_size=batch_size)) == reference
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_ranks_give_the_same_result_as_one(tmp_path: Path) -> None:
-    out = tmp_path / "rank0.json"
-    root = Path(__file__).resolve().parent.parent
-    env = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
-        "WORLD_SIZE": "2",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
-    }
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, str(out)],
-            env={**env, "RANK": str(rank)},
-            cwd=root,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    logs = [p.communicate(timeout=120)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
-    assert out.read_text() == comparable(run(make_samples(), batch_size=2))
-
-
-def _worker(out: str) -> None:
-    """One rank of the two-process test: every other image, batch 2; rank 0 writes the comparable result."""
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    result = run(make_samples()[rank::world], batch_size=2)
-    assert (result is None) == (rank != 0)
-    if result is not None:
-        Path(out).write_text(comparable(result))
-    dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    _worker(sys.argv[1])

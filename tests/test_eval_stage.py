@@ -260,6 +260,10 @@ STAGE_OVERRIDES = [
     "eval.draw_images=1",
     "eval.atd_k=50",
     "device=cpu",
+    "tta=multiscale_flip",
+    "tta.scales=[128,160]",
+    "tta.main_scale=160",
+    "tta.max_size=256",
 ]
 
 
@@ -327,6 +331,6 @@ def test_cli_one_process_batch_1_and_two_processes_batch_4_write_the_same_result
     assert one["results"] == two["results"] and one["num_images"] == two["num_images"] == 12
     assert (one["settings"]["world_size"], two["settings"]["world_size"]) == (1, 2)
     assert one["checkpoint"]["preset"] == "debug" and one["checkpoint"]["step"] == 7
-    assert (tmp_path / "one" / "detections.json").read_bytes() == (
-        tmp_path / "two" / "detections.json"
-    ).read_bytes()
+    assert sorted(one["results"]) == ["plain", "tta_nms", "tta_one_to_one"]
+    for name in ("detections.json", "detections_tta.json", "detections_tta_nms.json"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name

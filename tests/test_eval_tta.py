@@ -72,8 +72,8 @@ def test_inverse_undoes_torchvision_resize_and_flip(
 
 def _pred(boxes: list[list[float]], scores: list[float], labels: list[int]) -> dict[str, Tensor]:
     return {
-        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-        "scores": torch.tensor(scores, dtype=torch.float32),
+        "boxes": torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4),
+        "scores": torch.tensor(scores, dtype=torch.float64),
         "labels": torch.tensor(labels, dtype=torch.int64),
     }
 
@@ -97,14 +97,19 @@ def test_one_to_one_merge_hand_computed() -> None:
         (0.8 * 10 + 0.9 * 12 + 1.0 * 10) / 2.7,
     ]
     torch.testing.assert_close(
-        merged["boxes"], torch.tensor([expected_0, [20.0, 20, 30, 30]]), atol=1e-6, rtol=0
+        merged["boxes"],
+        torch.tensor([expected_0, [20.0, 20, 30, 30]], dtype=torch.float64),
+        atol=1e-12,
+        rtol=0,
     )
     # score "mean": sum of coefficients / sum of all weights (1 + 1 + 2); main[1] matched only itself.
-    torch.testing.assert_close(merged["scores"], torch.tensor([2.7 / 4, 0.5 / 4]), atol=1e-7, rtol=0)
+    torch.testing.assert_close(
+        merged["scores"], torch.tensor([2.7 / 4, 0.5 / 4], dtype=torch.float64), atol=1e-12, rtol=0
+    )
     assert merged["labels"].tolist() == [1, 2]
 
     main_scores = one_to_one_merge(_hand_example(), [1.0, 1.0, 2.0], 0, 0.5, score_mode="main")
-    torch.testing.assert_close(main_scores["scores"], torch.tensor([0.8, 0.5]))
+    torch.testing.assert_close(main_scores["scores"], torch.tensor([0.8, 0.5], dtype=torch.float64))
     torch.testing.assert_close(main_scores["boxes"], merged["boxes"])
 
 
@@ -114,7 +119,7 @@ def test_one_to_one_merge_threshold_and_main_choice() -> None:
     torch.testing.assert_close(alone["boxes"], _hand_example()[0]["boxes"])
     # Threshold 0.3 lets R2 (IoU 1/3) refine main[1]: (0.5 * [20,20,30,30] + 0.8 * [25,20,35,30]) / 1.3.
     loose = one_to_one_merge(_hand_example(), [1.0, 1.0, 2.0], 0, iou_threshold=0.3)
-    expected = (0.5 * torch.tensor([20.0, 20, 30, 30]) + 0.8 * torch.tensor([25.0, 20, 35, 30])) / 1.3
+    expected = torch.tensor([20 + 0.8 * 5 / 1.3, 20, 30 + 0.8 * 5 / 1.3, 30], dtype=torch.float64)
     torch.testing.assert_close(loose["boxes"][1], expected)
     # Another main augmentation keeps its own predictions (3 of aug1).
     other = one_to_one_merge(_hand_example(), [1.0, 1.0, 2.0], 1, iou_threshold=0.5)
@@ -224,13 +229,13 @@ def test_wrapper_maps_every_augmentation_back_to_the_original_image() -> None:
         for pred, box in zip(preds, boxes):
             # Nearest-neighbour resizing moves an edge by up to 1 / scale source pixels (64 / 100 here).
             torch.testing.assert_close(
-                pred["boxes"][0], torch.tensor(box, dtype=torch.float32), atol=1.6, rtol=0
+                pred["boxes"][0], torch.tensor(box, dtype=torch.float64), atol=1.6, rtol=0
             )
     for how in ("one_to_one", "nms"):
         for pred, box in zip(out.merged[how], boxes):
             assert pred["labels"].tolist() == [5]
             torch.testing.assert_close(
-                pred["boxes"][0], torch.tensor(box, dtype=torch.float32), atol=1.6, rtol=0
+                pred["boxes"][0], torch.tensor(box, dtype=torch.float64), atol=1.6, rtol=0
             )
     # Every augmentation agrees, so the one-to-one score is the full weighted mean (0.9).
     assert out.merged["one_to_one"][0]["scores"].item() == pytest.approx(0.9)

@@ -55,6 +55,15 @@ def to_rows(
     return rows, int((~keep).sum())
 
 
+def quantize(prediction: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A prediction with boxes (K, 4) and scores (K,) rounded to the record steps, in float64."""
+    return {
+        **prediction,
+        "boxes": torch.round(prediction["boxes"].detach().double(), decimals=BOX_DECIMALS),
+        "scores": torch.round(prediction["scores"].detach().double(), decimals=SCORE_DECIMALS),
+    }
+
+
 def canonical(parts: Iterable[np.ndarray]) -> np.ndarray:
     """All rows in the canonical order: image id, score descending, category id, box."""
     rows = np.concatenate([np.empty((0, len(COLUMNS))), *parts])

@@ -31,6 +31,7 @@ from torchvision.ops import batched_nms, box_iou
 from pipeline.data.collate import Batch, TransformedSample, collate
 from pipeline.data.transforms import EvalTransform, Target, eval_transform, make_target
 from pipeline.evaluation.config import TTAConfig
+from pipeline.evaluation.detections import quantize
 
 Prediction = dict[str, Tensor]
 """``{"boxes": (K, 4) xyxy float, "scores": (K,) float, "labels": (K,) int64}``."""
@@ -142,7 +143,8 @@ def one_to_one_merge(
     if score_mode not in ("mean", "main"):
         raise ValueError(f"score_mode must be 'mean' or 'main', got {score_mode!r}")
     ref = predictions[main]
-    ref_boxes, ref_scores, ref_labels = ref["boxes"].float(), ref["scores"].float(), ref["labels"]
+    # float64: the merge of rounded inputs (see quantize) is then exact enough to be reproducible.
+    ref_boxes, ref_scores, ref_labels = ref["boxes"].double(), ref["scores"].double(), ref["labels"]
     weighted_boxes = torch.zeros_like(ref_boxes)
     coef_sum = torch.zeros_like(ref_scores)
     for a, (pred, weight) in enumerate(zip(predictions, weights)):
@@ -151,11 +153,11 @@ def one_to_one_merge(
         elif len(pred["scores"]) == 0 or len(ref_scores) == 0:
             continue
         else:
-            iou = box_iou(ref_boxes, pred["boxes"].float())  # (K_m, K_a)
+            iou = box_iou(ref_boxes, pred["boxes"].double())  # (K_m, K_a)
             iou = iou.masked_fill(ref_labels[:, None] != pred["labels"][None, :], -1.0)
             best_iou, best = iou.max(dim=1)
-            boxes, scores = pred["boxes"].float()[best], pred["scores"].float()[best]
-            matched = (best_iou > iou_threshold).float()
+            boxes, scores = pred["boxes"].double()[best], pred["scores"].double()[best]
+            matched = (best_iou > iou_threshold).double()
         coef = matched * float(weight) * scores
         weighted_boxes += coef[:, None] * boxes
         coef_sum += coef
@@ -172,8 +174,8 @@ def nms_merge(predictions: Sequence[Prediction], iou_threshold: float, max_detec
 
     Boxes must already be in the original image's pixels. Returns a prediction dict sorted by score.
     """
-    boxes = torch.cat([p["boxes"].float() for p in predictions])
-    scores = torch.cat([p["scores"].float() for p in predictions])
+    boxes = torch.cat([p["boxes"].double() for p in predictions])
+    scores = torch.cat([p["scores"].double() for p in predictions])
     labels = torch.cat([p["labels"] for p in predictions])
     keep = batched_nms(boxes, scores, labels, iou_threshold)[:max_detections]
     return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
@@ -258,8 +260,10 @@ class DetectorWithTTA(nn.Module):
 
     For each augmentation, the original images are transformed (resized, maybe flipped, normalised; the
     data stage's eval transform by default), batched, detected, and each prediction's boxes are mapped
-    back with :func:`invert_boxes`; then every requested merge (:func:`merge`) combines the
-    augmentations per image.
+    back with :func:`invert_boxes` and rounded (:func:`~pipeline.evaluation.detections.quantize`); then
+    every requested merge (:func:`merge`) combines the augmentations per image in float64. Rounding the
+    merges' inputs, not only their outputs, keeps fp32 noise out of the merged boxes: an average of
+    rounded values lands on a rounding boundary far more often than a single prediction does.
     """
 
     def __init__(
@@ -278,7 +282,7 @@ class DetectorWithTTA(nn.Module):
         for aug in self.augmentations:
             samples = [transform_sample(self.transform_for, aug, image, i) for i, image in enumerate(images)]
             _, batch, predictions = detect(self.detector, samples)
-            per_aug[aug.name] = to_original(predictions, batch, aug.flip)
+            per_aug[aug.name] = [quantize(p) for p in to_original(predictions, batch, aug.flip)]
         merged = {
             how: [
                 merge(
