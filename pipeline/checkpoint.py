@@ -111,12 +111,16 @@ def load_model(directory: Path, device: torch.device | str = "cpu") -> tuple[DIN
         state = load_file(str(path))
     except (FileNotFoundError, SafetensorError, OSError) as error:
         raise ValueError(f"cannot read {path}: {error}") from None
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or mismatched:
         raise ValueError(
-            f"{path} does not match its {CARD_FILE}: missing {result.missing_keys[:8]}, "
-            f"unexpected {result.unexpected_keys[:8]}"
+            f"{path} does not match its {CARD_FILE}: missing {missing[:8]}, unexpected {unexpected[:8]}, "
+            f"other shapes {mismatched[:8]}"
         )
+    model.load_state_dict(state, strict=True)
     return model.to(device).eval(), card
 
 
