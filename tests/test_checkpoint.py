@@ -11,7 +11,14 @@ import torch
 
 from dino_core import build_dino, preset
 from dino_core.config import config_to_dict
-from pipeline.checkpoint import ModelCard, load_card, load_checkpoint, load_model, read_weight_file, save_model
+from pipeline.checkpoint import (
+    ModelCard,
+    load_card,
+    load_checkpoint,
+    load_model,
+    read_weight_file,
+    save_model,
+)
 
 CLASSES = [{"id": 1, "name": "circle"}, {"id": 3, "name": "square"}]
 
@@ -19,7 +26,9 @@ CLASSES = [{"id": 1, "name": "circle"}, {"id": 3, "name": "square"}]
 def _saved(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
     torch.manual_seed(0)
     model = build_dino(preset("debug"))
-    card = ModelCard(model=config_to_dict(preset("debug")), classes=CLASSES, step=7, epoch=1, stage="pretrain")
+    card = ModelCard(
+        model=config_to_dict(preset("debug")), classes=CLASSES, step=7, epoch=1, stage="pretrain"
+    )
     save_model(tmp_path / "run", model.state_dict(), card)
     return tmp_path / "run", model
 
@@ -28,7 +37,9 @@ def test_round_trip_gives_the_same_model(tmp_path: Path) -> None:
     directory, model = _saved(tmp_path)
     assert sorted(p.name for p in directory.iterdir()) == ["model.json", "model.safetensors"]
     loaded, card = load_model(directory)
-    assert card.step == 7 and card.class_names() == {1: "circle", 3: "square"} and card.config == preset("debug")
+    assert (
+        card.step == 7 and card.class_names() == {1: "circle", 3: "square"} and card.config == preset("debug")
+    )
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
     same, _ = load_checkpoint(directory, preset("debug"))
