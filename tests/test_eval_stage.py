@@ -23,6 +23,7 @@ from dino_core.builder import build_dino
 from dino_core.config import config_to_dict
 from dino_core.presets import preset
 from pipeline.checkpoint import ModelCard, save_model
+from pipeline.cli import main as cli_main
 from pipeline.data.manifest import (
     SCHEMA_VERSION,
     AnnotationFile,
@@ -297,6 +298,17 @@ def test_stage_refuses_a_mismatched_checkpoint_before_inference(
         assert run(cfg) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / "out").exists()
+    # The same through the command line (model=<preset> is the model config group).
+    argv = [
+        "eval",
+        f"checkpoint={checkpoint}",
+        f"data={data}",
+        f"out={tmp_path / 'cli'}",
+        "model=dino_r50_4scale",
+    ]
+    assert cli_main([*argv, "device=cpu"]) == 2
+    assert "is a debug model, the config asks for dino_r50_4scale" in capsys.readouterr().err
+    assert not (tmp_path / "cli" / "metrics.json").exists()
 
 
 def test_cli_one_process_batch_1_and_two_processes_batch_4_write_the_same_results(

@@ -25,7 +25,7 @@ from torch import nn
 
 from dino_core.atd import anchor_distances
 from dino_core.builder import build_criterion
-from dino_core.config import DINOConfig
+from dino_core.config import DINOConfig, config_from_dict
 from dino_core.presets import PRESETS
 from pipeline.checkpoint import ModelCard, load_card, load_checkpoint
 from pipeline.data.manifest import Manifest, ManifestError, load_manifest
@@ -51,9 +51,10 @@ class EvalStageConfig:
     """The evaluation split: its ``manifest.json`` or the folder holding it. Required."""
     out: Path = Path("outputs/eval")
     """The stage's directory: metrics.json, detections*.json, pr_curve.png, drawn/."""
-    model: DINOConfig | None = None
+    model: Any = None
     """``model=<preset>``: refuse a checkpoint of another architecture (required for official files);
-    None: the checkpoint's own ``model.json`` defines it."""
+    None: the checkpoint's own ``model.json`` defines it. Typed ``Any`` so that Hydra can leave it
+    empty (as in ``predict``); checked as a :class:`DINOConfig` below."""
     shards: str | None = None
     """Where the shard files are, as a template with ``{name}`` (None: beside the manifest)."""
     device: str = "auto"
@@ -62,6 +63,10 @@ class EvalStageConfig:
     tta: TTAConfig = field(default_factory=TTAConfig)
 
     def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            self.model = config_from_dict(self.model)
+        if self.model is not None and not isinstance(self.model, DINOConfig):
+            raise ValueError(f"model must be a preset (model=<preset>), got {type(self.model).__name__}")
         if self.checkpoint is None:
             raise ValueError("checkpoint must be set: checkpoint=DIR (a model directory with model.json)")
         if self.data is None:
