@@ -152,7 +152,23 @@ def test_every_image_exactly_once_over_ranks_and_workers(split: Path, world_size
     assert all({"bbox", "area", "iscrowd", "category_id"} <= set(a) for a in sample.record["annotations"])
 
 
-def evaluate_split(model: torch.nn.Module, split: Path, out: Path, batch_size: int, tta: bool = True) -> Any:
+class RecordingTracker:
+    """Stands in for the tracking module: records what the evaluation logs."""
+
+    def __init__(self) -> None:
+        self.metrics: list[tuple[dict[str, float], int | None]] = []
+        self.artifacts: list[tuple[Path, str | None]] = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.metrics.append((metrics, step))
+
+    def log_artifacts(self, directory: Path, artifact_path: str | None = None) -> None:
+        self.artifacts.append((directory, artifact_path))
+
+
+def evaluate_split(
+    model: torch.nn.Module, split: Path, out: Path, batch_size: int, tta: bool = True, **tracking: Any
+) -> Any:
     manifest = load_manifest(split)
     header = {
         "checkpoint": {"path": "debug (random init)"},
@@ -168,12 +184,19 @@ def evaluate_split(model: torch.nn.Module, split: Path, out: Path, batch_size: i
         header,
         anchor_distances=atd_function(preset("debug")),
         expected_images=manifest.num_samples,
+        **tracking,
     )
 
 
 def test_end_to_end_files_and_schema(debug_model: torch.nn.Module, split: Path, tmp_path: Path) -> None:
-    run = evaluate_split(debug_model, split, tmp_path, batch_size=2)
+    tracker = RecordingTracker()
+    run = evaluate_split(debug_model, split, tmp_path, batch_size=2, tracker=tracker, step=3)
     assert run is not None
+    # Periodic evaluation: the epoch is the step, the files go under eval/epoch_003.
+    [(logged, step)] = tracker.metrics
+    assert step == 3 and tracker.artifacts == [(tmp_path, "eval/epoch_003")]
+    assert {"plain/AP", "plain/AP50", "tta_one_to_one/AP", "tta_nms/AR100", "plain/ATD50"} <= set(logged)
+    assert logged["plain/AP"] == run.metrics["plain"].stats["AP"]
     for name in (
         "metrics.json",
         "detections.json",
