@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import resource
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -65,7 +67,23 @@ def _index(root: str, images_per_shard: int) -> None:
         shard=ShardConfig(images_per_shard=images_per_shard),
     )
     sources = resolve_sources(cfg.dataset)
+    samples: list[tuple[float, int]] = []
+    start = time.perf_counter()
+
+    def sample_rss() -> None:  # the resident set every 0.5 s, to see which phase peaks
+        page = os.sysconf("SC_PAGE_SIZE")
+        while True:
+            with open("/proc/self/statm") as statm:
+                samples.append((time.perf_counter() - start, int(statm.read().split()[1]) * page))
+            time.sleep(0.5)
+
+    threading.Thread(target=sample_rss, daemon=True).start()
     plan = build_plan(cfg, sources, plan_fingerprint(cfg, ["benchmark"]))
+    at, peak = max(samples, key=lambda sample: sample[1])
+    print(
+        f"sampled peak RSS {peak / 2**20:,.0f} MiB at {at:.0f} s of {time.perf_counter() - start:.0f} s",
+        flush=True,
+    )
     print(
         f"plan: {len(plan.ids):,} images in {plan.num_shards} shards, {plan.annotations_listed:,} annotations"
         " "

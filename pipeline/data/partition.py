@@ -307,16 +307,12 @@ def _annotation_id(line: bytes) -> int | None:
 def _spill_blocks(spill: tuple[Path, Path], lines_per_block: int) -> Iterator[tuple[list[bytes], np.ndarray]]:
     """The spilled annotation lines with their image ids, ``lines_per_block`` at a time."""
     lines_path, ids_path = spill
-    count = ids_path.stat().st_size // 8
-    if not count:
-        return
-    image_ids = np.memmap(ids_path, dtype=np.int64, mode="r", shape=(count,))
-    done = 0
-    with open(lines_path, "rb") as handle:
-        while done < count:
-            lines = [handle.readline()[:-1] for _ in range(min(lines_per_block, count - done))]
-            yield lines, np.asarray(image_ids[done : done + len(lines)])
-            done += len(lines)
+    with open(lines_path, "rb") as lines_handle, open(ids_path, "rb") as ids_handle:
+        while True:
+            image_ids = np.frombuffer(ids_handle.read(8 * lines_per_block), dtype=np.int64)
+            if not image_ids.size:
+                return
+            yield [lines_handle.readline()[:-1] for _ in range(image_ids.size)], image_ids
 
 
 def _route(

@@ -4,8 +4,8 @@
 runs a Ray task for every shard that is not complete yet, then writes ``manifest.json`` atomically.
 Each task writes its tar under a temporary name, fsyncs it, renames it into place, then records its
 counts and sha256 beside the plan; a shard counts as done only when both exist and agree on the size.
-Tars are deterministic (sorted members, fixed mtime/owner), so a rerun after ``kill -9`` writes only
-the missing shards and the same manifest bytes. ``verify_shards`` re-reads every shard.
+Tars are deterministic (members in image-id order, fixed mtime/owner/mode), so a rerun after ``kill -9``
+writes only the missing shards and the same manifest bytes. ``verify_shards`` re-reads every shard.
 """
 
 from __future__ import annotations
