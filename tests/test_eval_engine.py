@@ -208,3 +208,31 @@ def test_batch_size_does_not_change_anything() -> None:
     reference = comparable(run(make_samples(), batch_size=1))
     for batch_size in (2, 4):
         assert comparable(run(make_samples(), batch_size=batch_size)) == reference
+
+
+class UnknownClassDetector(ColourBlobDetector):
+    """Finds the blobs but names them with ids outside the category table (12: one of COCO's gaps)."""
+
+    def postprocess(self, outputs: dict[str, Tensor], target_sizes: Tensor) -> list[dict[str, Tensor]]:
+        return [
+            {**p, "labels": torch.full_like(p["labels"], 12)}
+            for p in super().postprocess(outputs, target_sizes)
+        ]
+
+
+def test_no_valid_prediction_scores_zero_and_counts_the_dropped() -> None:
+    result = evaluate(
+        UnknownClassDetector(),
+        make_samples(),
+        CATEGORIES,
+        EvalConfig(**EVAL),
+        TTAConfig(**TTA),
+        nearest_transform_for,
+    )
+    assert result is not None
+    boxes = sum(1 for s in make_samples() for a in s.record["annotations"] if not a["iscrowd"])
+    for mode, metrics in result.metrics.items():
+        assert result.detections[mode] == [] and metrics.stats["AP"] == 0.0 and metrics.stats["AR100"] == 0.0
+    # One prediction per blob; the NMS merge may also suppress overlapping blobs, now of one class.
+    assert result.dropped_labels["plain"] == result.dropped_labels["tta_one_to_one"] == boxes
+    assert 0 < result.dropped_labels["tta_nms"] <= boxes

@@ -206,6 +206,8 @@ def run(cfg: EvalStageConfig) -> int:
             manifest = load_manifest(cfg.data)
         except ManifestError as error:
             return _error(str(error))
+        if manifest.num_samples == 0:
+            return _error(f"{manifest.location}: the split has no images to evaluate")
         categories = [{"id": c.id, "name": c.name} for c in manifest.categories]
         try:
             if cfg.checkpoint.is_dir():
