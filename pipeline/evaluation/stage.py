@@ -28,7 +28,7 @@ from dino_core.builder import build_criterion
 from dino_core.config import DINOConfig, config_from_dict
 from dino_core.presets import PRESETS
 from pipeline.checkpoint import ModelCard, load_card, load_checkpoint
-from pipeline.data.manifest import Manifest, ManifestError, load_manifest
+from pipeline.data.manifest import Manifest, ManifestError, load_manifest, read_text
 from pipeline.evaluation.config import EvalConfig, TTAConfig
 from pipeline.evaluation.engine import AnchorDistances, EvalRun, evaluate
 from pipeline.evaluation.outputs import Tracker, flat_metrics, write_outputs
@@ -144,9 +144,8 @@ def atd_function(model_cfg: DINOConfig) -> AnchorDistances:
 
 
 def manifest_sha256(manifest: Manifest) -> str:
-    """sha256 of the manifest file's bytes (what metrics.json records as the data evaluated)."""
-    path = Path(manifest.location)
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """sha256 of the manifest file's bytes, local or http(s): what metrics.json records as the data."""
+    return hashlib.sha256(read_text(manifest.location).encode("utf-8")).hexdigest()
 
 
 def run_evaluation(
