@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import time
@@ -57,19 +58,23 @@ def replicate(count: int, work: Path) -> tuple[Path, Path, int]:
     return images_dir, path, total
 
 
-def time_tar(images_dir: Path, out: Path, sync: bool) -> float:
+def time_tar(images_dir: Path, out: Path, sync: bool) -> tuple[float, float]:
+    """Wall and CPU (user + system) seconds of ``tar -cf`` (then ``sync``)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run(["tar", "-cf", str(out), "-C", str(images_dir), "."], check=True)
     if sync:
         subprocess.run(["sync", "-f", str(out)], check=True)
     elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     out.unlink()
-    return elapsed
+    return elapsed, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def time_shard(
     images_dir: Path, annotations: Path, out: Path, cpus: int, per_shard: int, check: str
-) -> float:
+) -> tuple[float, float]:
+    """Wall seconds of the whole stage and CPU seconds of its shard tasks."""
     shutil.rmtree(out, ignore_errors=True)
     cfg = ShardStageConfig(
         out=out,
@@ -77,10 +82,10 @@ def time_shard(
         shard=ShardConfig(images_per_shard=per_shard, num_cpus=cpus, decode_check=check),
     )
     start = time.perf_counter()
-    run_shard(cfg)
+    summary = run_shard(cfg)
     elapsed = time.perf_counter() - start
     shutil.rmtree(out, ignore_errors=True)
-    return elapsed
+    return elapsed, summary.task_cpu_seconds
 
 
 def main() -> None:
@@ -98,41 +103,46 @@ def main() -> None:
     extra_mib = (large[2] - small[2]) / 2**20
     rows = []
 
-    def record(name: str, t_small: float, t_large: float) -> float:
-        rate = extra_images / (t_large - t_small)
-        rows.append((name, t_small, t_large, rate, rate * extra_mib / extra_images))
-        return rate
+    def record(
+        name: str, small_run: tuple[float, float], large_run: tuple[float, float]
+    ) -> tuple[float, float]:
+        rate = extra_images / (large_run[0] - small_run[0])
+        cpu_ms = (large_run[1] - small_run[1]) / extra_images * 1000
+        rows.append((name, small_run[0], large_run[0], rate, rate * extra_mib / extra_images, cpu_ms))
+        return rate, cpu_ms
 
-    tar = record(
-        "tar -cf",
-        time_tar(small[0], args.work / "s.tar", False),
-        time_tar(large[0], args.work / "l.tar", False),
-    )
-    record(
-        "tar -cf + sync",
-        time_tar(small[0], args.work / "s.tar", True),
-        time_tar(large[0], args.work / "l.tar", True),
-    )
-    rates = {}
-    for cpus, check in ((1, "draft"), (2, "draft"), (2, "header")):
+    def tar(sync: bool) -> tuple[float, float]:
+        return time_tar(small[0], args.work / "s.tar", sync), time_tar(large[0], args.work / "l.tar", sync)
+
+    tar_rate, tar_cpu = record("tar -cf", *tar(False))
+    record("tar -cf + sync", *tar(True))
+    results = {}
+    for cpus, check in ((1, "draft"), (2, "draft"), (1, "header"), (2, "header")):
         out = args.work / "shards"
-        rates[(cpus, check)] = record(
+        results[(cpus, check)] = record(
             f"shard stage, {cpus} Ray worker(s), decode_check={check}",
             time_shard(small[0], small[1], out, cpus, args.images_per_shard, check),
             time_shard(large[0], large[1], out, cpus, args.images_per_shard, check),
         )
+    load = os.getloadavg()
     print(
         f"\n{args.small} -> {args.large} images ({extra_mib:.0f} MiB more), "
         f"{args.images_per_shard} images/shard, "
-        f"{os.cpu_count()} cores"
+        f"{os.cpu_count()} cores, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}"
     )
-    print(f"{'method':<52} {'t_small s':>9} {'t_large s':>9} {'images/s':>9} {'MiB/s':>7}")
-    for name, t_small, t_large, rate, mib in rows:
-        print(f"{name:<52} {t_small:>9.2f} {t_large:>9.2f} {rate:>9.0f} {mib:>7.1f}")
     print(
-        f"\nshard stage (2 workers, draft) / tar: {rates[(2, 'draft')] / tar:.2f}; "
-        f"scaling 1 -> 2 workers (draft): {rates[(2, 'draft')] / rates[(1, 'draft')]:.2f}x"
+        f"{'method':<46} {'t_small s':>9} {'t_large s':>9} {'images/s':>9} {'MiB/s':>7} {'CPU ms/image':>13}"
     )
+    for name, t_small, t_large, rate, mib, cpu_ms in rows:
+        print(f"{name:<46} {t_small:>9.2f} {t_large:>9.2f} {rate:>9.0f} {mib:>7.1f} {cpu_ms:>13.2f}")
+    print("(CPU ms/image: tar's own; the stage's shard tasks, Ray and the driver excluded)")
+    for check in ("draft", "header"):
+        two, one = results[(2, check)], results[(1, check)]
+        print(
+            f"decode_check={check}: 2 workers / tar = {two[0] / tar_rate:.2f} (wall), "
+            f"{2 * tar_cpu / two[1]:.2f} (2 cores of task CPU vs one core of tar); "
+            f"scaling 1 -> 2 workers {two[0] / one[0]:.2f}x"
+        )
 
 
 if __name__ == "__main__":

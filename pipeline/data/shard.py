@@ -68,6 +68,8 @@ class ShardSummary:
     images_per_second: float
     mib_per_second: float
     already_complete: bool
+    task_cpu_seconds: float = 0.0
+    """CPU time the shard tasks of this run spent (Ray and driver overhead excluded)."""
 
 
 _write_shard_remote = ray.remote(num_cpus=1, max_retries=2)(write_shard)
@@ -316,6 +318,7 @@ def run_shard(cfg: ShardStageConfig) -> ShardSummary:
         written_images / elapsed,
         image_bytes / elapsed / 2**20,
         False,
+        sum(res.cpu_seconds for res in written),
     )
 
 
