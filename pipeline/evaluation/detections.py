@@ -14,10 +14,7 @@ scores, less for boxes), which can change a detection's rank among equal scores 
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -77,38 +74,3 @@ def to_records(rows: np.ndarray) -> list[dict[str, Any]]:
         {"image_id": int(r[0]), "category_id": int(r[1]), "bbox": r[2:6], "score": r[6]}
         for r in rows.tolist()
     ]
-
-
-def write_json_atomic(path: Path, payload: Any, indent: int | None = None) -> None:
-    """Write ``payload`` as JSON to ``path`` via a temporary file and a rename (never half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=indent, sort_keys=indent is not None)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_detections(path: Path, records: list[dict[str, Any]]) -> None:
-    """Write a COCO results JSON (one record per line inside the list, for diffable files), atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write("[\n")
-        for i, record in enumerate(records):
-            f.write(json.dumps(record) + (",\n" if i + 1 < len(records) else "\n"))
-        f.write("]\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_detections(path: Path) -> list[dict[str, Any]]:
-    """Read a COCO results JSON written by :func:`write_detections` (or any COCO results list)."""
-    with open(path) as f:
-        records = json.load(f)
-    if not isinstance(records, list):
-        raise ValueError(f"{path} is not a COCO results list (a JSON list of detection records)")
-    return records

@@ -15,11 +15,13 @@ Every file is written atomically. :class:`Tracker` is the hook the tracking modu
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Protocol
 
+from pipeline.checkpoint import atomic_write_bytes
 from pipeline.evaluation.coco_scoring import STAT_NAMES
-from pipeline.evaluation.detections import BOX_DECIMALS, SCORE_DECIMALS, write_detections, write_json_atomic
+from pipeline.evaluation.detections import BOX_DECIMALS, SCORE_DECIMALS
 from pipeline.evaluation.engine import PLAIN, EvalRun
 from pipeline.evaluation.plots import draw_detections, plot_pr_curves
 
@@ -87,6 +89,11 @@ def flat_metrics(run: EvalRun) -> dict[str, float]:
     return flat
 
 
+def detections_json(records: list[dict[str, Any]]) -> bytes:
+    """A COCO results JSON list with one record per line (diffable, and equal runs give equal bytes)."""
+    return ("[\n" + ",\n".join(json.dumps(r) for r in records) + ("\n" if records else "") + "]\n").encode()
+
+
 def write_outputs(
     run: EvalRun,
     out_dir: Path,
@@ -108,7 +115,7 @@ def write_outputs(
     files: dict[str, Path] = {}
     for mode, records in run.detections.items():
         path = out_dir / DETECTION_FILES[mode]
-        write_detections(path, records)
+        atomic_write_bytes(path, detections_json(records))
         files[path.name] = path
     path = out_dir / "pr_curve.png"
     plot_pr_curves({mode: m.pr_curves for mode, m in run.metrics.items()}, path)
@@ -142,6 +149,6 @@ def write_outputs(
         "files": sorted(files),
     }
     path = out_dir / "metrics.json"
-    write_json_atomic(path, metrics, indent=1)
+    atomic_write_bytes(path, (json.dumps(metrics, indent=1, sort_keys=True) + "\n").encode())
     files[path.name] = path
     return files

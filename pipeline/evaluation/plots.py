@@ -6,7 +6,7 @@ state, no display), so it is safe in workers and under tests.
 
 from __future__ import annotations
 
-import os
+import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,13 +17,14 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from torch import Tensor
 
+from pipeline.checkpoint import atomic_write_bytes
+
 
 def _save(fig: Figure, path: Path, dpi: float) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=dpi)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=dpi, format=path.suffix.lstrip(".").replace("jpg", "jpeg"))
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def plot_pr_curves(curves_by_run: dict[str, dict[str, list[float]]], path: Path) -> None:
