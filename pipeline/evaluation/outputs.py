@@ -4,8 +4,9 @@
   numbers (AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl; fractions in [0, 1], null where
   there is no ground truth in that range), per-class AP keyed by category id with its name, ATD(k) (null
   with the reason when unavailable); the checkpoint evaluated, the manifest's sha256, the image count, the
-  settings and the timing. ``results`` and ``num_images`` depend on nothing but the model and the data:
-  not on the batch size, the number of ranks or workers (``settings`` and ``timing`` do).
+  settings and the timing. ``results`` and ``num_images`` do not depend on the batch size or the number
+  of ranks or workers (``settings`` and ``timing`` do); the one caveat, a model float within fp32 noise
+  of a rounding boundary, is described in :mod:`pipeline.evaluation.detections`.
 - ``detections.json`` (plain), ``detections_tta.json`` (one-to-one merge) and ``detections_tta_nms.json``
   (NMS merge): COCO results lists in the original images' pixels and the dataset's category ids.
 - ``pr_curve.png`` and ``drawn/<image id>.jpg`` (ground truth green, plain detections red).
