@@ -155,10 +155,10 @@ def _official_function(module: object) -> Callable[..., torch.Tensor]:
     return OfficialMSDA.apply
 
 
-def build_official(source_dir: Path) -> object:
-    """Deformable-DETR's ``models/ops`` (or DINO's ``models/dino/ops``): a patched copy, built with CUDA."""
+def patch_official_sources(source_dir: Path, work: Path) -> list[Path]:
+    """Copies Deformable-DETR's ``models/ops/src`` (or DINO's ``models/dino/ops/src``) into ``work``, patched
+    for current PyTorch; returns the copied .cpp / .cu files."""
     src = source_dir / "src" if (source_dir / "src").is_dir() else source_dir
-    work = REPO / "benchmarks" / "out" / "official_msda_src"
     files = sorted(p for p in src.rglob("*") if p.suffix in (".cpp", ".cu", ".h", ".cuh"))
     if not any(p.name == "vision.cpp" for p in files):
         raise SystemExit(
@@ -172,9 +172,15 @@ def build_official(source_dir: Path) -> object:
         target = work / path.relative_to(src)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text)
+    return [work / p.relative_to(src) for p in files if p.suffix in (".cpp", ".cu")]
+
+
+def build_official(source_dir: Path) -> object:
+    """The published kernel as a Python extension (``ms_deform_attn_forward`` / ``_backward``), with CUDA."""
+    work = REPO / "benchmarks" / "out" / "official_msda_src"
+    sources = [str(p) for p in patch_official_sources(source_dir, work)]
     from torch.utils import cpp_extension
 
-    sources = [str(work / p.relative_to(src)) for p in files if p.suffix in (".cpp", ".cu")]
     build_dir = REPO / "benchmarks" / "out" / "official_msda_build"
     build_dir.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(

@@ -19,6 +19,8 @@ built at import.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from kernels import toolchain
@@ -42,12 +44,21 @@ def load(device_type: str, *, build_if_missing: bool) -> None:
             f"there is no fused multi-scale deformable attention kernel for {device_type!r}"
         )
     if "cpu" not in _loaded:
-        torch.ops.load_library(str(toolchain.library("cpu", build=build_if_missing)))
+        _load_library(toolchain.library("cpu", build=build_if_missing))
         _register_python_parts()
         _loaded.add("cpu")
     if device_type == "cuda" and "cuda" not in _loaded:
-        torch.ops.load_library(str(toolchain.library("cuda", build=build_if_missing)))
+        _load_library(toolchain.library("cuda", build=build_if_missing))
         _loaded.add("cuda")
+
+
+def _load_library(path: Path) -> None:
+    try:
+        torch.ops.load_library(str(path))
+    except OSError as err:  # e.g. a CUDA runtime library missing on this machine
+        raise toolchain.KernelBuildError(
+            f"loading {path} failed: {err} (delete {path.parent} to rebuild it here)"
+        ) from err
 
 
 def _fake_forward(
