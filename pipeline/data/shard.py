@@ -70,6 +70,8 @@ class ShardSummary:
     already_complete: bool
     task_cpu_seconds: float = 0.0
     """CPU time the shard tasks of this run spent (Ray and driver overhead excluded)."""
+    write_seconds: float = 0.0
+    """Wall time from the first shard task's submission to the last one's end (no Ray start-up)."""
 
 
 _write_shard_remote = ray.remote(num_cpus=1, max_retries=2)(write_shard)
@@ -158,8 +160,10 @@ def _connect(cfg: ShardStageConfig) -> bool:
 
 def _run_tasks(
     cfg: ShardStageConfig, plan: Plan, pending: list[tuple[int, str]], progress: _Progress
-) -> list[ShardResult]:
+) -> tuple[list[ShardResult], float]:
+    """Run the pending shards' tasks; returns their results and the seconds from first submission to last."""
     started = _connect(cfg)
+    progress.start = progress.last = time.monotonic()  # rates and ETA without Ray's start-up
     try:
         limit = cfg.shard.max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
         queue = list(pending)
@@ -173,7 +177,7 @@ def _run_tasks(
             for result in ray.get(ready):
                 results.append(result)
                 progress.update(result)
-        return results
+        return results, time.monotonic() - progress.start
     finally:
         if started:
             ray.shutdown()
@@ -265,7 +269,7 @@ def run_shard(cfg: ShardStageConfig) -> ShardSummary:
         flush=True,
     )
     progress = _Progress(plan.num_shards, len(pending))
-    written = _run_tasks(cfg, plan, pending, progress) if pending else []
+    written, write_seconds = _run_tasks(cfg, plan, pending, progress) if pending else ([], 0.0)
     for result in written:
         done[result.entry.name] = result
     results = [done[name] for name in names]
@@ -319,6 +323,7 @@ def run_shard(cfg: ShardStageConfig) -> ShardSummary:
         image_bytes / elapsed / 2**20,
         False,
         sum(res.cpu_seconds for res in written),
+        write_seconds,
     )
 
 
