@@ -260,6 +260,17 @@ def test_batch_larger_than_any_internal_chunk(device: str) -> None:
         assert_within(grad, ref, want, "gradient")
 
 
+@pytest.mark.parametrize(("n", "lq"), [(0, 5), (2, 0)], ids=["empty_batch", "no_queries"])
+def test_empty_batch_or_queries(device: str, n: int, lq: int) -> None:
+    inputs = make_inputs(Case(((3, 4), (1, 2)), n=n, lq=lq, d=8), torch.float32, device, seed=37)
+    grad_output = torch.zeros(n, lq, 16, device=device)
+    out, grads = run(inputs, False, "fused", grad_output)
+    assert out.shape == (n, lq, 16)
+    names = ("value", "sampling_locations", "attention_weights")
+    assert [g.shape for g in grads] == [inputs[k].shape for k in names]
+    assert all((g == 0).all() for g in grads)
+
+
 def test_deterministic(device: str) -> None:
     """The forward is bitwise reproducible everywhere; the CPU backward too (it has no atomics), at any
     thread count. The CUDA backward scatters with atomics and refuses deterministic mode."""

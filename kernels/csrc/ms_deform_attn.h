@@ -78,11 +78,13 @@ inline Sizes check_inputs(const at::Tensor& value, const at::Tensor& spatial_sha
   TORCH_CHECK(spatial_shapes.dim() == 2 && spatial_shapes.size(1) == 2,
               "ms_deform_attn: spatial_shapes must be (L, 2), got ", spatial_shapes.sizes());
   TORCH_CHECK(sampling_locations.dim() == 6 && sampling_locations.size(5) == 2,
-              "ms_deform_attn: sampling_locations must be (N, Lq, M, L, P, 2), got ", sampling_locations.sizes());
+              "ms_deform_attn: sampling_locations must be (N, Lq, M, L, P, 2), got ",
+              sampling_locations.sizes());
   const Sizes s{value.size(0), value.size(1), value.size(2), value.size(3),
                 sampling_locations.size(1), sampling_locations.size(3), sampling_locations.size(4)};
   TORCH_CHECK(level_start_index.dim() == 1 && level_start_index.size(0) == s.L,
-              "ms_deform_attn: level_start_index must be (L,) = (", s.L, ",), got ", level_start_index.sizes());
+              "ms_deform_attn: level_start_index must be (L,) = (", s.L, ",), got ",
+              level_start_index.sizes());
   TORCH_CHECK(spatial_shapes.size(0) == s.L, "ms_deform_attn: spatial_shapes has ", spatial_shapes.size(0),
               " levels but sampling_locations has ", s.L);
   TORCH_CHECK(sampling_locations.size(0) == s.N && sampling_locations.size(2) == s.M,
@@ -92,9 +94,10 @@ inline Sizes check_inputs(const at::Tensor& value, const at::Tensor& spatial_sha
                   attention.size(2) == s.M && attention.size(3) == s.L && attention.size(4) == s.P,
               "ms_deform_attn: ", attention_name, " must be (N, Lq, M, L, P) = (", s.N, ", ", s.Lq, ", ", s.M,
               ", ", s.L, ", ", s.P, "), got ", attention.sizes());
-  TORCH_CHECK(s.N > 0 && s.S > 0 && s.M > 0 && s.D > 0 && s.L > 0 && s.P > 0,
-              "ms_deform_attn: empty value or sampling_locations: value ", value.sizes(), ", sampling_locations ",
-              sampling_locations.sizes());
+  // An empty batch or query set gives an empty output; an empty map, head, channel or point set is an error.
+  TORCH_CHECK(s.S > 0 && s.M > 0 && s.D > 0 && s.L > 0 && s.P > 0,
+              "ms_deform_attn: S, M, D, L and P must be positive: value ", value.sizes(),
+              ", sampling_locations ", sampling_locations.sizes());
   const auto vt = value.scalar_type();
   TORCH_CHECK(vt == at::kFloat || vt == at::kHalf || vt == at::kBFloat16 || vt == at::kDouble,
               "ms_deform_attn: value must be float32, float16, bfloat16 or float64, got ", vt);
@@ -120,17 +123,18 @@ inline Sizes check_inputs(const at::Tensor& value, const at::Tensor& spatial_sha
 inline void check_grad_output(const at::Tensor& grad_output, const at::Tensor& value, const Sizes& s) {
   TORCH_CHECK(grad_output.dim() == 3 && grad_output.size(0) == s.N && grad_output.size(1) == s.Lq &&
                   grad_output.size(2) == s.M * s.D,
-              "ms_deform_attn_backward: grad_output must be (N, Lq, M * D) = (", s.N, ", ", s.Lq, ", ", s.M * s.D,
-              "), got ", grad_output.sizes());
+              "ms_deform_attn_backward: grad_output must be (N, Lq, M * D) = (", s.N, ", ", s.Lq, ", ",
+              s.M * s.D, "), got ", grad_output.sizes());
   TORCH_CHECK(grad_output.scalar_type() == value.scalar_type() && grad_output.device() == value.device(),
-              "ms_deform_attn_backward: grad_output must be ", value.scalar_type(), " on ", value.device(), ", got ",
-              grad_output.scalar_type(), " on ", grad_output.device());
+              "ms_deform_attn_backward: grad_output must be ", value.scalar_type(), " on ", value.device(),
+              ", got ", grad_output.scalar_type(), " on ", grad_output.device());
 }
 
 // CPU kernels (ms_deform_attn_cpu.cpp); `attention_is_logits` selects the softmax-inside variant.
 at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
-                                      const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
-                                      const at::Tensor& attention, bool attention_is_logits);
+                                      const at::Tensor& level_start_index,
+                                      const at::Tensor& sampling_locations, const at::Tensor& attention,
+                                      bool attention_is_logits);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,

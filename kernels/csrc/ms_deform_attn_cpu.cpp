@@ -29,7 +29,8 @@ struct Level {
 
 // Reads the level table. On the CPU it costs nothing to check it against value's S, and the kernels
 // index value with it, so an inconsistent table is an error here rather than an out-of-bounds read.
-std::vector<Level> read_levels(const at::Tensor& spatial_shapes, const at::Tensor& level_start_index, int64_t S) {
+std::vector<Level> read_levels(const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+                               int64_t S) {
   const at::Tensor shapes = spatial_shapes.contiguous();
   const at::Tensor starts = level_start_index.contiguous();
   const int64_t* hw = shapes.data_ptr<int64_t>();
@@ -44,7 +45,8 @@ std::vector<Level> read_levels(const at::Tensor& spatial_shapes, const at::Tenso
     levels[l] = Level{H, W, offset};
     offset += H * W;
   }
-  TORCH_CHECK(offset == S, "ms_deform_attn: value has S = ", S, " positions but spatial_shapes sums to ", offset);
+  TORCH_CHECK(offset == S, "ms_deform_attn: value has S = ", S, " positions but spatial_shapes sums to ",
+              offset);
   return levels;
 }
 
@@ -120,9 +122,8 @@ void forward_kernel(const scalar_t* value, const std::vector<Level>& levels,
           for (int64_t p = 0; p < s.P; ++p) {
             const int64_t lp = l * s.P + p;
             Corners<acc_t> c;
-            if (!locate(loc_g[2 * lp], loc_g[2 * lp + 1], static_cast<int>(lv.H), static_cast<int>(lv.W), c)) {
-              continue;
-            }
+            const int H = static_cast<int>(lv.H), W = static_cast<int>(lv.W);
+            if (!locate(loc_g[2 * lp], loc_g[2 * lp + 1], H, W, c)) continue;
             const acc_t a = weights[lp];
             const acc_t wx0 = 1 - c.fx, wx1 = c.fx, wy0 = 1 - c.fy, wy1 = c.fy;
             auto add = [&](int x, int y, acc_t w) {
@@ -151,7 +152,8 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* value, const s
   const int64_t LP = s.L * s.P;
   const int64_t row = s.M * D;
   at::parallel_for(0, s.N * s.M, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> gout(static_cast<size_t>(D)), weights(static_cast<size_t>(LP)), gw(static_cast<size_t>(LP));
+    std::vector<acc_t> gout(static_cast<size_t>(D));
+    std::vector<acc_t> weights(static_cast<size_t>(LP)), gw(static_cast<size_t>(LP));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / s.M, m = task % s.M;
       const scalar_t* value_nm = value + n * s.S * row + m * D;
@@ -220,8 +222,9 @@ void with_channels(int64_t D, const F& f) {
 }  // namespace
 
 at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
-                                      const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
-                                      const at::Tensor& attention, bool attention_is_logits) {
+                                      const at::Tensor& level_start_index,
+                                      const at::Tensor& sampling_locations, const at::Tensor& attention,
+                                      bool attention_is_logits) {
   const Sizes s = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention,
                                attention_is_logits ? "attention_logits" : "attention_weights");
   TORCH_CHECK(value.device().is_cpu(), "ms_deform_attn_forward_cpu: tensors must be on the CPU");
@@ -230,11 +233,13 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
   const at::Tensor loc = sampling_locations.contiguous();
   const at::Tensor att = attention.contiguous();
   at::Tensor out = at::empty({s.N, s.Lq, s.M * s.D}, value.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
+  const auto dtype = v.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "ms_deform_attn_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     with_channels(s.D, [&](auto dc) {
       constexpr int DC = decltype(dc)::value;
-      auto run = attention_is_logits ? forward_kernel<scalar_t, DC, true> : forward_kernel<scalar_t, DC, false>;
+      auto run = attention_is_logits ? forward_kernel<scalar_t, DC, true>  //
+                                     : forward_kernel<scalar_t, DC, false>;
       run(v.data_ptr<scalar_t>(), levels, loc.data_ptr<acc_t>(), att.data_ptr<scalar_t>(),
           out.data_ptr<scalar_t>(), s);
     });
@@ -260,11 +265,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   at::Tensor grad_value_acc = at::zeros(value.sizes(), value.options().dtype(acc_type));
   at::Tensor grad_loc = at::empty(loc.sizes(), loc.options());
   at::Tensor grad_attention = at::empty(att.sizes(), att.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
+  const auto dtype = v.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "ms_deform_attn_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     with_channels(s.D, [&](auto dc) {
       constexpr int DC = decltype(dc)::value;
-      auto run = attention_is_logits ? backward_kernel<scalar_t, DC, true> : backward_kernel<scalar_t, DC, false>;
+      auto run = attention_is_logits ? backward_kernel<scalar_t, DC, true>  //
+                                     : backward_kernel<scalar_t, DC, false>;
       run(gout.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), levels, loc.data_ptr<acc_t>(),
           att.data_ptr<scalar_t>(), grad_value_acc.data_ptr<acc_t>(), grad_loc.data_ptr<acc_t>(),
           grad_attention.data_ptr<scalar_t>(), s);

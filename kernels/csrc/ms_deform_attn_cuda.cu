@@ -82,29 +82,63 @@ struct RawType<16> {
   using type = uint4;
 };
 
+// 16-bit floats <-> float through their bit patterns in 32-bit words (element 0 in the low half), so
+// packed loads and stores stay in registers.
+__device__ __forceinline__ float bits_to_float(c10::BFloat16, uint32_t bits16) {
+  return __uint_as_float(bits16 << 16);
+}
+__device__ __forceinline__ float bits_to_float(c10::Half, uint32_t bits16) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(bits16)));
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t float_to_bits(float x) {
+  return static_cast<T>(x).x;  // c10's round-to-nearest-even conversion
+}
+
 // VEC consecutive elements at p (aligned to their size) through the read-only cache, converted to acc_t.
 template <int VEC, typename T, typename acc_t>
 __device__ __forceinline__ void load_vec(const T* __restrict__ p, acc_t (&out)[VEC]) {
   using Raw = typename RawType<sizeof(T) * VEC>::type;
   const Raw raw = __ldg(reinterpret_cast<const Raw*>(p));
-  T vals[VEC];
-  memcpy(vals, &raw, sizeof(Raw));
+  if constexpr (sizeof(T) == 2 && VEC % 2 == 0) {
+    uint32_t words[VEC / 2];
+    memcpy(words, &raw, sizeof(Raw));
 #pragma unroll
-  for (int i = 0; i < VEC; ++i) out[i] = static_cast<acc_t>(vals[i]);
+    for (int i = 0; i < VEC / 2; ++i) {
+      out[2 * i] = bits_to_float(T(), words[i] & 0xffffu);
+      out[2 * i + 1] = bits_to_float(T(), words[i] >> 16);
+    }
+  } else {
+    T vals[VEC];
+    memcpy(vals, &raw, sizeof(Raw));
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) out[i] = static_cast<acc_t>(vals[i]);
+  }
 }
 
 template <int VEC, typename T, typename acc_t>
 __device__ __forceinline__ void store_vec(T* __restrict__ p, const acc_t (&in)[VEC]) {
   using Raw = typename RawType<sizeof(T) * VEC>::type;
-  T vals[VEC];
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) vals[i] = static_cast<T>(in[i]);
   Raw raw;
-  memcpy(&raw, vals, sizeof(Raw));
+  if constexpr (sizeof(T) == 2 && VEC % 2 == 0) {
+    uint32_t words[VEC / 2];
+#pragma unroll
+    for (int i = 0; i < VEC / 2; ++i) {
+      words[i] = float_to_bits<T>(in[2 * i]) | (float_to_bits<T>(in[2 * i + 1]) << 16);
+    }
+    memcpy(&raw, words, sizeof(Raw));
+  } else {
+    T vals[VEC];
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) vals[i] = static_cast<T>(in[i]);
+    memcpy(&raw, vals, sizeof(Raw));
+  }
   *reinterpret_cast<Raw*>(p) = raw;
 }
 
-// p[i] += v[i] for VEC consecutive elements (p aligned to VEC * sizeof(acc_t) when VEC is 2 or a multiple of 4).
+// p[i] += v[i] for VEC consecutive elements (p aligned to VEC * sizeof(acc_t) when VEC is 2 or a
+// multiple of 4).
 template <int VEC>
 __device__ __forceinline__ void atomic_add_vec(float* p, const float (&v)[VEC]) {
   static_assert(VEC == 1 || VEC == 2 || VEC % 4 == 0, "vector widths are 1, 2, 4 or 8");
@@ -186,8 +220,8 @@ __global__ void __launch_bounds__(256)
   const int LP = k.L * k.P;
   const int row = k.M * k.D;  // elements between neighbouring positions of one head
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; (t >> k.group_log2) < k.groups;
-       t += stride) {
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  for (int64_t t = first; (t >> k.group_log2) < k.groups; t += stride) {
     const int64_t g = t >> k.group_log2;  // ((n * Lq + q) * M + m)
     const int m = static_cast<int>(g % k.M);
     const int64_t n = g / (k.Lq * k.M);
@@ -237,7 +271,8 @@ __global__ void __launch_bounds__(256)
     backward_kernel(const scalar_t* __restrict__ grad_output, const scalar_t* __restrict__ value,
                     const int64_t* __restrict__ shapes, const int64_t* __restrict__ starts,
                     const at::opmath_type<scalar_t>* __restrict__ loc, const scalar_t* __restrict__ attention,
-                    at::opmath_type<scalar_t>* __restrict__ grad_value, at::opmath_type<scalar_t>* __restrict__ grad_loc,
+                    at::opmath_type<scalar_t>* __restrict__ grad_value,
+                    at::opmath_type<scalar_t>* __restrict__ grad_loc,
                     at::opmath_type<scalar_t>* __restrict__ grad_att, const Launch k) {
   using acc_t = at::opmath_type<scalar_t>;
   const int lanes = 1 << k.group_log2;
@@ -250,8 +285,8 @@ __global__ void __launch_bounds__(256)
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   // Every lane of a group has the same g, so groups enter and leave this loop together and the shuffles
   // below always find all lanes of group_mask.
-  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; (t >> k.group_log2) < k.groups;
-       t += stride) {
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  for (int64_t t = first; (t >> k.group_log2) < k.groups; t += stride) {
     const int64_t g = t >> k.group_log2;
     const int m = static_cast<int>(g % k.M);
     const int64_t n = g / (k.Lq * k.M);
@@ -340,7 +375,9 @@ int vector_width(int64_t D, std::initializer_list<const void*> pointers) {
   for (const int vec : {widest, 2, 1}) {
     if (D % vec != 0) continue;
     bool aligned = true;
-    for (const void* p : pointers) aligned = aligned && reinterpret_cast<uintptr_t>(p) % (vec * sizeof(scalar_t)) == 0;
+    for (const void* p : pointers) {
+      aligned = aligned && reinterpret_cast<uintptr_t>(p) % (vec * sizeof(scalar_t)) == 0;
+    }
     if (aligned) return vec;
   }
   return 1;
@@ -387,8 +424,9 @@ std::pair<dim3, dim3> grid_for(const Launch& k, c10::DeviceIndex device) {
   return {dim3(static_cast<unsigned>(blocks)), dim3(threads)};
 }
 
-at::Tensor forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
-                        const at::Tensor& sampling_locations, const at::Tensor& attention, bool logits) {
+at::Tensor forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                        const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+                        const at::Tensor& attention, bool logits) {
   const Sizes s = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention,
                                logits ? "attention_logits" : "attention_weights");
   TORCH_CHECK(value.is_cuda(), "ms_deform_attn_forward_cuda: tensors must be on a CUDA device");
@@ -400,7 +438,8 @@ at::Tensor forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shape
   const at::Tensor att = attention.contiguous();
   at::Tensor out = at::empty({s.N, s.Lq, s.M * s.D}, value.options());
   if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "ms_deform_attn_forward_cuda", [&] {
+  const auto dtype = v.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "ms_deform_attn_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int vec = vector_width<scalar_t>(s.D, {v.data_ptr(), out.data_ptr()});
     with_vector_width<scalar_t>(vec, [&](auto width) {
@@ -409,8 +448,8 @@ at::Tensor forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shape
       const auto [blocks, threads] = grid_for(k, value.device().index());
       auto kernel = logits ? forward_kernel<scalar_t, VEC, true> : forward_kernel<scalar_t, VEC, false>;
       kernel<<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          v.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), loc.data_ptr<acc_t>(),
-          att.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), k);
+          v.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
+          loc.data_ptr<acc_t>(), att.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), k);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -439,7 +478,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   at::Tensor grad_loc, grad_att;
   int chunks = 1;
   if (s.N * s.Lq > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "ms_deform_attn_backward_cuda", [&] {
+    const auto dtype = v.scalar_type();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "ms_deform_attn_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const int vec = vector_width<scalar_t>(s.D, {v.data_ptr(), gout.data_ptr()});
       with_vector_width<scalar_t>(vec, [&](auto width) {
