@@ -89,7 +89,7 @@ class ShardConfig:
     max_in_flight: int | None = None
     """Shard tasks submitted at once (None: twice the cluster's CPUs), bounding driver and store memory."""
     annotation_chunk: int = 100_000
-    """Annotations the driver holds at once while it spills them to per-shard files."""
+    """Spilled annotation lines the driver routes to per-shard files at a time (bounds its memory)."""
 
     def __post_init__(self) -> None:
         _require(

@@ -3,8 +3,8 @@
 Built once per input (annotation files' sha256 + partition settings = the plan's fingerprint) in a
 staging folder beside the output, renamed into place when complete, and reused by every rerun, so a
 resumed job writes exactly the shards the first run would have. Memory: images are numpy columns;
-annotations are copied unparsed to a spill file in one pass, then routed ``shard.annotation_chunk`` at a time
-to ``ann/<shard>.jsonl``.
+annotations are copied unparsed to a spill file in the one pass over the JSON, then routed
+``shard.annotation_chunk`` lines at a time to ``ann/<shard>.jsonl``.
 
 Partition: the split's images sorted by id, cut every ``images_per_shard`` images, or else greedily at
 ``target_shard_mb`` of image bytes (a shard closes before the image that would pass the target).
