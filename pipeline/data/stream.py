@@ -238,7 +238,7 @@ class _TrainStream(IterableDataset):
             skipped[next(choices)] += 1
         for stream, count in zip(streams, skipped.tolist()):
             stream.skip(count)
-        for step in range(first_step, self.batches_per_epoch, workers):
+        for _ in range(first_step, self.batches_per_epoch, workers):
             samples = []
             for _ in range(self.batch_size):
                 raw = streams[next(choices)].next()
@@ -249,7 +249,6 @@ class _TrainStream(IterableDataset):
                 )
                 samples.append(_transformed(raw, self.transform, sample_seed))
                 position += 1
-            del step
             yield collate(samples)
 
 
