@@ -72,3 +72,105 @@ def coco_sample_shards(ray_session, coco_sample: Path, tmp_path_factory: pytest.
         shard=ShardConfig(images_per_shard=2),
     )
     return run_shard(cfg).manifest_path
+
+
+def write_coco_shards(images: Path, annotations: Path, split_dir: Path, per_shard: int) -> Path:
+    """Shard a COCO-format split by data contracts 1 and 2 without Ray (plain tars + manifest), for tests
+    that need many small shard sets fast; returns the manifest path. The data stage's own sharding is
+    tested in test_data_*."""
+    import hashlib
+    import io
+    import json
+    import tarfile
+
+    from pipeline.data.manifest import (
+        SCHEMA_VERSION,
+        AnnotationFile,
+        Category,
+        Manifest,
+        ShardEntry,
+        write_manifest,
+    )
+
+    coco = json.loads(annotations.read_text())
+    per_image: dict[int, list[dict]] = {}
+    for ann in coco["annotations"]:
+        per_image.setdefault(ann["image_id"], []).append(
+            {k: ann[k] for k in ("id", "category_id", "bbox", "area", "iscrowd")}
+        )
+    records = sorted(coco["images"], key=lambda im: im["id"])
+    dataset, split = split_dir.parent.name, split_dir.name
+    split_dir.mkdir(parents=True)
+    entries = []
+    for start in range(0, len(records), per_shard):
+        chunk = records[start : start + per_shard]
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            for im in chunk:
+                record = {k: im[k] for k in ("id", "file_name", "width", "height")}
+                record["annotations"] = per_image.get(im["id"], [])
+                for member, data in (
+                    (f"{im['id']:012d}.jpg", (images / im["file_name"]).read_bytes()),
+                    (f"{im['id']:012d}.json", json.dumps(record).encode()),
+                ):
+                    info = tarfile.TarInfo(member)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        name = f"{dataset}-{split}-{start // per_shard:06d}.tar"
+        (split_dir / name).write_bytes(buffer.getvalue())
+        entries.append(
+            ShardEntry(
+                name,
+                len(chunk),
+                sum(len(per_image.get(im["id"], [])) for im in chunk),
+                len(buffer.getvalue()),
+                hashlib.sha256(buffer.getvalue()).hexdigest(),
+            )
+        )
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION,
+        dataset=dataset,
+        split=split,
+        kind="coco_format",
+        num_samples=len(records),
+        num_annotations=len(coco["annotations"]),
+        shards=entries,
+        categories=[Category(c["id"], c["name"], c.get("supercategory", "")) for c in coco["categories"]],
+        annotation_files=[
+            AnnotationFile(annotations.name, hashlib.sha256(annotations.read_bytes()).hexdigest())
+        ],
+        rejects=[],
+        reject_counts={},
+    )
+    write_manifest(manifest, split_dir / "manifest.json")
+    return split_dir / "manifest.json"
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The embedded dataset at test size (96-128 px images), sharded 8 images per shard without Ray.
+
+    Keys ``pretrain/train`` (32 images, 4 shards), ``pretrain/val`` (8), ``finetune/train`` (16, 2 shards),
+    ``finetune/val`` (8): manifest paths. The two label spaces differ (class remap by name). Read-only.
+    """
+    from pipeline.data.config import DemoDataConfig
+    from pipeline.data.demo_dataset import make_demo_data
+
+    root = tmp_path_factory.mktemp("demo_shards")
+    demo = make_demo_data(
+        DemoDataConfig(
+            out=root / "coco",
+            pretrain_train=32,
+            pretrain_val=8,
+            finetune_train=16,
+            finetune_val=8,
+            min_size=96,
+            max_size=128,
+            max_objects=4,
+        )
+    )
+    shards = root / "shards"
+    return {
+        key: write_coco_shards(split.images, split.annotations, shards / key.replace("/", "_") / "split", 8)
+        for key, split in demo.splits.items()
+    }

@@ -1,0 +1,305 @@
+"""The training stages: ``python -m pipeline pretrain ...`` and ``python -m pipeline finetune ...``.
+
+:func:`run_training` is what every launcher's worker calls (``pipeline.launch``: one process, torchrun /
+the deepspeed launcher, Ray Train). It reads the training manifests (the class table decides
+``num_classes``), builds the detector, starts it from ImageNet backbone weights (pretrain) or a
+pretraining run (finetune, class heads remapped by name), wraps it in DeepSpeed, resumes from
+``<out>/checkpoints/latest`` when there is one, trains (:mod:`pipeline.train.loop`), and leaves the model
+directory contract in ``out``: ``model.safetensors`` (consolidated fp32) + ``model.json``, then
+``train_result.json`` last.
+
+Everything that can be refused is refused before the process group does any work: a bad manifest, an
+``init`` that is not a model directory of this architecture, an ``out`` holding another run's checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from dino_core.builder import build_criterion, build_dino
+from dino_core.config import config_to_dict
+from pipeline.checkpoint import atomic_write_bytes
+from pipeline.data.manifest import Manifest, load_manifest
+from pipeline.data.stream import StreamSource, train_loader
+from pipeline.data.transforms import train_transform
+from pipeline.tracking import start_run
+from pipeline.train.checkpointing import CheckpointDir, TrainState, check_resumable
+from pipeline.train.config import TrainStageConfig
+from pipeline.train.engine import DistInfo, Engine, deepspeed_config, init_distributed, resolve_precision
+from pipeline.train.optim import describe_groups, group_rules, parameter_groups
+from pipeline.train.step import TrainModule
+from pipeline.train.warm_start import InitError, check_init, load_backbone_weights, load_pretrained
+
+log = logging.getLogger("pipeline.train")
+
+RESULT_FILE = "train_result.json"
+INIT_REPORT_FILE = "init_report.json"
+
+
+class DataError(ValueError):
+    """Training data that cannot be used as configured; the message names the manifest."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished stage returns (and writes to ``train_result.json``)."""
+
+    model_dir: str
+    """The directory holding ``model.safetensors`` + ``model.json`` (the stage's ``out``)."""
+    stage: str
+    steps: int
+    """Optimizer steps taken over the whole stage (all restarts)."""
+    epoch: int
+    """The epoch the next batch would belong to."""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    """The final evaluation's flat metrics (empty without ``val_data``) and the last training losses."""
+    skipped_nonfinite: int = 0
+    checkpoint: str = ""
+    """The checkpoint the model was consolidated from."""
+    resumed_from: str | None = None
+    """The checkpoint this process started from (None: a fresh start)."""
+
+
+@dataclass
+class DataPlan:
+    """The training data as the stage sees it."""
+
+    sources: list[StreamSource]
+    classes: list[dict[str, Any]]
+    """``{"id", "name"}`` sorted by id: the training class table."""
+    num_classes: int
+    val: Manifest | None
+
+
+def plan_data(cfg: TrainStageConfig) -> DataPlan:
+    """Read the manifests: the class table (same in every source), ``num_classes``, the eval split.
+
+    Raises:
+        ManifestError: a missing or corrupt manifest.
+        DataError: sources with different category tables, an eval split with classes the model lacks.
+    """
+    sources = [StreamSource(s.manifest, s.weight, s.shards) for s in cfg.sources()]
+    manifests = [load_manifest(s.manifest) for s in sources]
+    tables = [{c.id: c.name for c in m.categories} for m in manifests]
+    for manifest, table in zip(manifests[1:], tables[1:]):
+        if table != tables[0]:
+            raise DataError(
+                f"training sources {manifests[0].location} and {manifest.location} have different category "
+                "tables; mixed sources must share one label space"
+            )
+    if not tables[0]:
+        raise DataError(f"{manifests[0].location} has an empty category table")
+    classes = [{"id": i, "name": n} for i, n in sorted(tables[0].items())]
+    num_classes = max(tables[0]) + 1
+    val = load_manifest(cfg.val_data) if cfg.val_data else None
+    if val is not None:
+        outside = sorted(c.id for c in val.categories if c.id >= num_classes)
+        if outside:
+            raise DataError(
+                f"val_data {val.location} has category ids {outside[:10]} beyond the training classes "
+                f"(num_classes {num_classes}); evaluate on a split of the same label space"
+            )
+    return DataPlan(sources, classes, num_classes, val)
+
+
+def _setup_logging(rank: int) -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    logging.getLogger("pipeline").setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
+def _broadcast(value: Any, info: DistInfo) -> Any:
+    if info.world_size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _seed_rank(seed: int, rank: int) -> None:
+    # Per-rank generators for what the step draws (denoising noise, drop path); the data stream seeds
+    # itself per sample, so these never touch the data order.
+    torch.manual_seed(seed + 1000003 * (rank + 1))
+    np.random.seed((seed + rank) % 2**32)
+
+
+def run_training(cfg: TrainStageConfig) -> TrainResult:
+    """Run (or resume, or recognise as finished) one training stage on this process; every rank calls it.
+
+    The launcher's environment must describe the process group (RANK, WORLD_SIZE, MASTER_ADDR,
+    MASTER_PORT); :func:`pipeline.launch.launch` provides it for a single process.
+    """
+    from pipeline.train.loop import Trainer  # the loop needs the engine; keep this module light to import
+
+    info = init_distributed()
+    _setup_logging(info.rank)
+    plan = plan_data(cfg)
+    model_cfg = dataclasses.replace(cfg.model, num_classes=plan.num_classes)
+    if cfg.model.num_classes != plan.num_classes:
+        log.info(
+            "model.num_classes: %d -> %d (max category id + 1 of the training class table, %d classes)",
+            cfg.model.num_classes,
+            plan.num_classes,
+            len(plan.classes),
+        )
+    init_card = check_init(cfg.init, model_cfg) if cfg.stage == "finetune" and cfg.init is not None else None
+    out = Path(cfg.out)
+    checkpoints = CheckpointDir(out)
+    if info.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        checkpoints.root.mkdir(parents=True, exist_ok=True)
+        for stale in checkpoints.remove_partials():
+            log.warning("removed the incomplete checkpoint %s", checkpoints.root / stale)
+    tag = _broadcast(checkpoints.latest() if info.rank == 0 else None, info)
+    loader = train_loader(
+        plan.sources,
+        cfg.train.batch_size,
+        cfg.train.num_workers,
+        cfg.train.seed,
+        info.rank,
+        info.world_size,
+        train_transform(cfg.train.aug_scale),
+        epoch_samples=cfg.train.epoch_samples,
+        shuffle_buffer=cfg.train.shuffle_buffer,
+    )
+    state = TrainState(
+        stage=cfg.stage,
+        global_step=0,
+        epoch=0,
+        batch_in_epoch=0,
+        micro_batches=0,
+        skipped_nonfinite=0,
+        world_size=info.world_size,
+        batch_size=cfg.train.batch_size,
+        num_workers=cfg.train.num_workers,
+        grad_accumulation=cfg.train.grad_accumulation,
+        seed=cfg.train.seed,
+        batches_per_epoch=loader.batches_per_epoch,
+        model=config_to_dict(model_cfg),
+        classes=plan.classes,
+        ema=cfg.train.ema.enabled,
+    )
+    if tag is not None:
+        saved = checkpoints.read_state(tag)
+        check_resumable(saved, state, checkpoints.root)
+        state = saved
+
+    torch.manual_seed(cfg.train.seed)
+    model = build_dino(model_cfg)
+    criterion = build_criterion(model_cfg)
+    init_report: dict[str, Any] | None = None
+    if tag is None:
+        if cfg.train.backbone_weights is not None:
+            log.info("%s", load_backbone_weights(model, cfg.train.backbone_weights))
+        elif init_card is not None and cfg.init is not None:
+            report = load_pretrained(
+                model,
+                cfg.init,
+                init_card,
+                {c["id"]: c["name"] for c in plan.classes},
+                cfg.train.class_aliases,
+            )
+            log.info("init from %s: %s", cfg.init, report.summary())
+            init_report = {"init": str(cfg.init), **report.as_dict()}
+        elif cfg.stage == "pretrain":
+            log.warning("train.backbone_weights is not set: the backbone starts from random weights")
+    acp = cfg.train.activation_checkpointing
+    model.set_activation_checkpointing(backbone=acp.backbone, encoder=acp.encoder, decoder=acp.decoder)
+    groups, frozen = parameter_groups(
+        model, group_rules(cfg.train), cfg.train.weight_decay, cfg.train.decay_norm_and_bias
+    )
+    for line in describe_groups(groups, frozen):
+        log.info("%s", line)
+    optimizer = torch.optim.AdamW(
+        [g.as_torch() for g in groups], lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+    )
+    precision = resolve_precision(cfg.deepspeed.precision, info.device)
+    log.info(
+        "DeepSpeed ZeRO-%d, %s, %d rank(s), device %s, micro-batch %d x %d accumulation",
+        cfg.deepspeed.zero_stage,
+        precision,
+        info.world_size,
+        info.device,
+        cfg.train.batch_size,
+        cfg.train.grad_accumulation,
+    )
+    engine = Engine(
+        TrainModule(model, criterion).to(info.device),
+        optimizer,
+        deepspeed_config(cfg.deepspeed, cfg.train, precision),
+        precision,
+    )
+    trainer = Trainer(
+        cfg=cfg,
+        model_cfg=model_cfg,
+        plan_classes=plan.classes,
+        val=plan.val,
+        info=info,
+        engine=engine,
+        loader=loader,
+        checkpoints=checkpoints,
+        state=state,
+    )
+    if tag is not None:
+        trainer.restore(tag)
+        log.info(
+            "resumed from %s: step %d, epoch %d, batch %d of %d",
+            checkpoints.root / tag,
+            state.global_step,
+            state.epoch,
+            state.batch_in_epoch,
+            loader.batches_per_epoch,
+        )
+    else:
+        _seed_rank(cfg.train.seed, info.rank)
+    if info.rank == 0 and init_report is not None:
+        atomic_write_bytes(out / INIT_REPORT_FILE, json.dumps(init_report, indent=1).encode())
+    tags = {"out": str(out.resolve()), "resumed_from": str(tag or ""), "data.classes": str(len(plan.classes))}
+    with start_run(cfg.tracking, out, cfg.stage, config=cfg, tags=tags, rank=info.rank) as tracker:
+        if init_report is not None:
+            tracker.log_artifact(out / INIT_REPORT_FILE)
+        trainer.tracker = tracker
+        result = trainer.run(resumed_from=tag)
+    if info.rank == 0:
+        atomic_write_bytes(out / RESULT_FILE, json.dumps(dataclasses.asdict(result), indent=1).encode())
+    if info.world_size > 1:
+        dist.barrier()
+    return result
+
+
+def read_result(out: Path) -> TrainResult:
+    """The completion record a finished stage wrote (``train_result.json``)."""
+    return TrainResult(**json.loads((Path(out) / RESULT_FILE).read_text()))
+
+
+def run(cfg: TrainStageConfig) -> int:
+    """CLI entry of ``pretrain`` and ``finetune``: launch per ``cfg.launcher``; the exit code."""
+    from pipeline.data.manifest import ManifestError
+    from pipeline.launch import launch
+    from pipeline.train.checkpointing import CheckpointError
+    from pipeline.train.step import NonFiniteLossError
+
+    try:
+        if cfg.stage == "finetune" and cfg.init is not None:
+            # Refuse a bad init before any process starts (the workers check again).
+            plan = plan_data(cfg)
+            check_init(cfg.init, dataclasses.replace(cfg.model, num_classes=plan.num_classes))
+        result = launch(cfg, run_training)
+    except (InitError, DataError, ManifestError, CheckpointError, NonFiniteLossError) as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
+    if result is None:  # Ray: the workers wrote the record
+        result = read_result(cfg.out)
+    log.info("%s finished: %d steps, model in %s", cfg.stage, result.steps, result.model_dir)
+    return 0
