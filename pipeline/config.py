@@ -89,6 +89,18 @@ COMMANDS: dict[str, Command] = {
             "pipeline.evaluation.stage:run",
             "score a checkpoint on an evaluation split (COCO AP, ATD, with and without TTA)",
         ),
+        Command(
+            "pretrain",
+            "pipeline.train.config:TrainStageConfig",
+            "pipeline.train.stage:run",
+            "pretrain the detector with DeepSpeed (resumes from out/checkpoints/latest by itself)",
+        ),
+        Command(
+            "finetune",
+            "pipeline.train.config:TrainStageConfig",
+            "pipeline.train.stage:run",
+            "fine-tune a pretraining run (init=DIR) on another label space, class heads remapped by name",
+        ),
     )
 }
 
