@@ -174,3 +174,100 @@ def demo_shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         key: write_coco_shards(split.images, split.annotations, shards / key.replace("/", "_") / "split", 8)
         for key, split in demo.splits.items()
     }
+
+
+# ---- training stage runs (tests/test_train_*.py) ---------------------------------------------------------
+
+TRAIN_TEST_OVERRIDES = [
+    "model=debug",
+    "train=debug",
+    "train.num_workers=0",
+    "train.aug_scale=0.2",
+    "train.epoch_samples=8",
+    "train.log_every=1",
+    "train.checkpoint_every=2",
+    "eval.short_side=96",
+    "eval.max_size=160",
+    "eval.num_workers=0",
+    "eval.draw_images=0",
+]
+"""Every test run: the debug model on 58-160 px images, 4 batches per rank per epoch (2 ranks), a progress
+record per step and a checkpoint every 2 steps."""
+
+
+def train_env() -> dict[str, str]:
+    """The environment of a training subprocess (two ranks on two cores, no telemetry)."""
+    import os
+
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def train_command(stage: str, overrides: list[str], nproc: int = 1) -> list[str]:
+    """``python -m pipeline <stage> ...``, under torchrun for ``nproc > 1``."""
+    from pipeline.launch import free_port
+
+    if nproc == 1:
+        launcher = [sys.executable, "-m", "pipeline"]
+    else:
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}",
+            "-m",
+            "pipeline",
+        ]
+    return [*launcher, stage, *TRAIN_TEST_OVERRIDES, *overrides]
+
+
+def run_train(stage: str, overrides: list[str], cwd: Path, nproc: int = 1, timeout: float = 400):
+    """Run a training stage to its end; returns the CompletedProcess (stdout and stderr as text)."""
+    import subprocess
+
+    return subprocess.run(
+        train_command(stage, overrides, nproc),
+        cwd=cwd,
+        env=train_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def reference_overrides(shards: dict[str, Path], out: Path) -> list[str]:
+    """The reference pretraining run: 6 steps (epoch 0 ends at step 4: checkpoint + evaluation), EMA on."""
+    return [
+        f"data={shards['pretrain/train']}",
+        f"val_data={shards['pretrain/val']}",
+        f"out={out}",
+        "train.max_steps=6",
+        "train.ema.enabled=true",
+    ]
+
+
+def logged_losses(out: Path) -> dict[int, float]:
+    """Step -> total loss from a run's ``metrics.jsonl``."""
+    import json
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r["train/loss"] for r in records}
+
+
+@pytest.fixture(scope="session")
+def reference_run(demo_shards: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted 2-rank ZeRO-2 pretraining run (torchrun) of the reference config; its ``out``.
+
+    Read-only: tests that continue it work on a copy.
+    """
+    root = tmp_path_factory.mktemp("train_reference")
+    out = root / "out"
+    result = run_train("pretrain", reference_overrides(demo_shards, out), cwd=root, nproc=2)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return out

@@ -328,6 +328,22 @@ class Trainer:
 
     # ---- evaluation and export ----------------------------------------------------------------------
 
+    def _complete(self, exported: dict[str, torch.Tensor], live: dict[str, torch.Tensor]) -> None:
+        """Check the consolidated checkpoint against the live weights, in place: it must hold every
+        trainable parameter and agree with the live fp32 values (a difference means it was read from
+        another checkpoint). Frozen parameters and buffers, which ZeRO-1 checkpoints leave out and which
+        never change, are taken from the live model; the keys end in the model's order."""
+        trainable = {n for n, p in self.engine.detector.named_parameters() if p.requires_grad}
+        lost = sorted(k for k in trainable if k not in exported)
+        if lost:
+            raise RuntimeError(f"the consolidated checkpoint lacks trained parameters {lost[:5]}")
+        worst = max(((exported[k] - live[k].cpu()).abs().max().item() for k in trainable), default=0.0)
+        if worst > 0:
+            log.warning("the consolidated checkpoint differs from the live weights by up to %.3g", worst)
+        complete = {k: exported[k] if k in exported else v.cpu() for k, v in live.items()}
+        exported.clear()
+        exported.update(complete)
+
     def _weights(self) -> dict[str, torch.Tensor]:
         """The stage's weights on every rank (collective): the EMA when enabled and used, else the raw."""
         full = self.engine.full_state_dict()
@@ -395,9 +411,8 @@ class Trainer:
             if raw is None:
                 raw = {k: v.cpu() for k, v in live.items()}
             else:
-                _compare(raw, live)
+                self._complete(raw, live)
             source = str(self.checkpoints.root / tag)
-            raw = {k: raw[k] for k in live}
             primary, other, other_dir = raw, None, "ema"
             if self.ema is not None:
                 averaged = {k: v.cpu() for k, v in self.ema.state_dict(raw).items()}
@@ -417,14 +432,6 @@ class Trainer:
             self.tracker.log_artifact(self.out / "model.json")
         self._barrier()
         return metrics
-
-
-def _compare(exported: dict[str, torch.Tensor], live: dict[str, torch.Tensor]) -> None:
-    # The consolidated checkpoint and the live fp32 weights must agree; a difference means the export
-    # read another checkpoint than the one just written.
-    worst = max(((exported[k].cpu() - live[k].cpu()).abs().max().item() for k in live), default=0.0)
-    if worst > 0:
-        log.warning("the consolidated checkpoint differs from the live weights by up to %.3g", worst)
 
 
 @contextmanager

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -297,7 +298,8 @@ def run(cfg: TrainStageConfig) -> int:
             check_init(cfg.init, dataclasses.replace(cfg.model, num_classes=plan.num_classes))
         result = launch(cfg, run_training)
     except (InitError, DataError, ManifestError, CheckpointError, NonFiniteLossError) as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
+        rank = int(os.environ.get("RANK", "0"))
+        print(f"error{f' (rank {rank})' if rank else ''}: {error}", file=sys.stderr, flush=True)
         return 2
     if result is None:  # Ray: the workers wrote the record
         result = read_result(cfg.out)

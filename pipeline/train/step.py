@@ -185,12 +185,13 @@ class NonFiniteGuard:
         self.in_row += 1
         self.last = dict(terms or {})
         if self.in_row >= self.patience:
-            shown = ", ".join(f"{k}={_fmt(v)}" for k, v in self.last.items() if not math.isfinite(v)) or "?"
+            bad = ", ".join(f"{k}={_fmt(v)}" for k, v in self.last.items() if not math.isfinite(v)) or "?"
+            good = ", ".join(f"{k}={_fmt(v)}" for k, v in self.last.items() if math.isfinite(v)) or "none"
             raise NonFiniteLossError(
                 f"{self.in_row} consecutive non-finite losses (train.nan_patience={self.patience}) at "
-                f"optimizer step {step}: non-finite terms {shown}; all terms {self.last}; "
-                f"{self.skipped} skipped in total. Last good checkpoint: {last_checkpoint}. Lower the "
-                "learning rate or check the data, then rerun the same command to resume from it"
+                f"optimizer step {step}: non-finite terms {bad}; finite terms {good}; {self.skipped} skipped "
+                f"in total. Last good checkpoint: {last_checkpoint}. Lower the learning rate or check the "
+                "data, then rerun the same command to resume from it"
             )
 
 
