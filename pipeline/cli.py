@@ -29,9 +29,18 @@ def usage() -> str:
 
 
 def _run(command: Command, cfg: DictConfig) -> int | None:
-    if "out" in cfg and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+    sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    if "out" in cfg and sweep:
         # Each job of a sweep writes to its own directory (<sweep dir>/<job number>).
         cfg.out = HydraConfig.get().runtime.output_dir
+    if "tracking" in cfg and sweep and cfg.tracking.kind != "none" and not cfg.tracking.uri:
+        # The jobs of a sweep share one store (<sweep dir>/mlflow.db), so their runs sit side by side.
+        store = Path(HydraConfig.get().sweep.dir).resolve() / "mlflow.db"
+        cfg.tracking.uri = f"sqlite:///{store.as_posix()}"
+    if "out" in cfg and cfg.out is not None:
+        # Absolute before the config resolves: ${out} interpolations then name the same directory in every
+        # process (Ray workers, torchrun ranks), whatever their working directory.
+        cfg.out = str(Path(str(cfg.out)).resolve())
     try:
         config = validate(cfg)
     except ConfigError as error:

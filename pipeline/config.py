@@ -19,6 +19,7 @@ from typing import Any
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -90,6 +91,12 @@ COMMANDS: dict[str, Command] = {
             "score a checkpoint on an evaluation split (COCO AP, ATD, with and without TTA)",
         ),
         Command(
+            "run",
+            "pipeline.orchestrate_config:RunConfig",
+            "pipeline.orchestrate:run",
+            "run a whole pipeline on Ray (default: the embedded demo; experiment=<name> for a recipe)",
+        ),
+        Command(
             "pretrain",
             "pipeline.train.config:TrainStageConfig",
             "pipeline.train.stage:run",
@@ -138,8 +145,16 @@ def register(command: Command) -> None:
 def compose(command: str, overrides: list[str] | None = None) -> DictConfig:
     """Compose a command's config as the CLI would (for tests and orchestration), without running it."""
     register(COMMANDS[command])
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name=COMMANDS[command].config_name, overrides=overrides or [])
+    # Inside a running Hydra app (``run`` composing its stages) Hydra's global state is taken: set it aside.
+    global_hydra = GlobalHydra.instance()
+    outer = global_hydra.hydra if global_hydra.is_initialized() else None
+    global_hydra.clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return hydra_compose(config_name=COMMANDS[command].config_name, overrides=overrides or [])
+    finally:
+        if outer is not None:
+            GlobalHydra.instance().initialize(outer)
 
 
 def validate(cfg: DictConfig) -> Any:

@@ -49,6 +49,8 @@ MAX_PARAM_LENGTH = 6000
 BATCH = 100
 """MLflow's limit on params (and tags) per log_batch call."""
 REPO_DIR = Path(__file__).resolve().parent.parent
+REFUSED = ("INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_ALREADY_EXISTS")
+"""MLflow error codes of requests the store refused (the store itself works)."""
 
 
 class Tracker:
@@ -92,8 +94,9 @@ class MlflowTracker(Tracker):
     """Logs into one MLflow run through :class:`mlflow.MlflowClient` (no global active-run state, so
     several runs can be open in one process and a run can be continued from another process).
 
-    A failing call (server gone, store locked) warns once and turns the tracker off for good: losing
-    tracking must not lose a training run.
+    A failing call warns. A store that cannot be reached (server gone, database locked) turns the tracker
+    off for good: losing tracking must not lose a training run. A request the store refuses (a param
+    logged again with another value) loses that call only.
     """
 
     def __init__(self, client: Any, run_id: str, log_files: bool = True) -> None:
@@ -112,10 +115,12 @@ class MlflowTracker(Tracker):
         try:
             function(*args, **kwargs)
         except Exception as error:  # any tracking failure must leave the stage running
-            self._broken = True
+            refused = getattr(error, "error_code", "") in REFUSED
+            self._broken = not refused
             warnings.warn(
-                f"tracking: {what} failed for MLflow run {self.run_id} ({type(error).__name__}: {error}); "
-                "tracking is off for the rest of this stage",
+                f"tracking: {what} failed for MLflow run {self.run_id} ({type(error).__name__}: "
+                f"{str(error)[:500]}); "
+                + ("this call is lost" if refused else "tracking is off for the rest of this stage"),
                 RuntimeWarning,
                 stacklevel=3,
             )
