@@ -368,6 +368,17 @@ class Runner:
         self.by_name = {s.name: s for s in stages}
         self.root = Path(cfg.out).resolve()
         self.on_change: Callable[[], None] = lambda: None
+        self.started_ray = False
+        self.dashboard = ""
+
+    def _ray(self) -> None:
+        """Join Ray before the first stage that runs (a rerun that skips everything needs none)."""
+        if ray.is_initialized():
+            return
+        self.started_ray, self.dashboard = connect_ray(self.cfg)
+        if self.dashboard:
+            print(f"[run] Ray dashboard (stages as tasks, the training runs): {self.dashboard}", flush=True)
+        self.on_change()
 
     def _deps_state(self, stage: Stage) -> str:
         """``ready``, ``wait`` or ``blocked`` (a stage it reads failed or is not complete)."""
@@ -452,6 +463,7 @@ class Runner:
         self.on_change()
 
     def _start(self, stage: Stage) -> tuple[float, Tracker]:
+        self._ray()
         stage.record_path.unlink(missing_ok=True)  # a failure must leave no record
         stage.record_path.parent.mkdir(parents=True, exist_ok=True)
         (stage.record_path.parent / "config.yaml").write_text(to_yaml(stage.config))
@@ -675,9 +687,6 @@ def run(cfg: RunConfig) -> int:
         return 0
     root.mkdir(parents=True, exist_ok=True)
     print(f"[run] pipeline {cfg.name}: {len(stages)} stages -> {root}", flush=True)
-    started_ray, dashboard = connect_ray(cfg)
-    if dashboard:
-        print(f"[run] Ray dashboard: {dashboard}", flush=True)
     uri = cfg.tracking.resolved_uri(root)
     parent = create_run(
         dataclasses.replace(cfg.tracking, run_name=f"{cfg.name} {_iso(started)}"),
@@ -687,8 +696,9 @@ def run(cfg: RunConfig) -> int:
         {"pipeline": cfg.name, "ray.address": cfg.ray.address or "local"},
         world_size=1,
     )
+    runner = Runner(cfg, stages, parent)
     extra = {
-        "ray": {"address": cfg.ray.address or "local", "dashboard": dashboard},
+        "ray": {"address": cfg.ray.address or "local", "dashboard": ""},
         "mlflow": {
             "uri": uri if cfg.tracking.enabled else "",
             "experiment": cfg.tracking.experiment,
@@ -696,9 +706,9 @@ def run(cfg: RunConfig) -> int:
             "ui": ui_command(uri) if parent.active else "",
         },
     }
-    runner = Runner(cfg, stages, parent)
 
     def write_summary(status: str = "running") -> dict[str, Any]:
+        extra["ray"]["dashboard"] = runner.dashboard
         data = summary(cfg, stages, started, status, extra)
         atomic_write_bytes(root / SUMMARY, (json.dumps(data, indent=1, default=str) + "\n").encode())
         return data
@@ -723,7 +733,7 @@ def run(cfg: RunConfig) -> int:
         )
         parent.log_artifact(root / SUMMARY)
         end_run(parent, {"complete": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED"))
-        if started_ray:
+        if runner.started_ray:
             ray.shutdown()
         print("\n" + summary_table(data), flush=True)
     return 0 if status == "complete" else 1

@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pipeline.tracking_config import TrackingConfig, ui_command
+from pipeline.tracking_config import DEFAULT_DB, TrackingConfig, ui_command
 
 __all__ = [
     "MlflowTracker",
@@ -99,11 +99,15 @@ class MlflowTracker(Tracker):
     logged again with another value) loses that call only.
     """
 
-    def __init__(self, client: Any, run_id: str, log_files: bool = True) -> None:
+    def __init__(
+        self, client: Any, run_id: str, log_files: bool = True, store: tuple[Path, ...] = ()
+    ) -> None:
         self._client = client
         self.run_id = run_id
         self._log_files = log_files
         self._broken = False
+        self._store = tuple(p.resolve() for p in store)
+        """The local store's own files (SQLite database, artifact root), never uploaded into itself."""
 
     @property
     def active(self) -> bool:
@@ -146,10 +150,19 @@ class MlflowTracker(Tracker):
             self._call("log_artifact", self._client.log_artifact, self.run_id, str(path), artifact_path)
 
     def log_artifacts(self, directory: Path, artifact_path: str | None = None) -> None:
-        if self._log_files:
-            self._call(
-                "log_artifacts", self._client.log_artifacts, self.run_id, str(directory), artifact_path
-            )
+        if not self._log_files:
+            return
+        # File by file, leaving out a store that lives inside the directory (a stage's default SQLite
+        # store is in its output directory: uploading it into itself would never end).
+        directory = Path(directory).resolve()
+        for path in sorted(directory.rglob("*")):
+            if not path.is_file() or any(path == s or s in path.parents for s in self._store):
+                continue
+            if path.name.startswith(DEFAULT_DB):
+                continue
+            relative = path.parent.relative_to(directory).as_posix()
+            target = "/".join(p for p in (artifact_path or "", "" if relative == "." else relative) if p)
+            self._call("log_artifacts", self._client.log_artifact, self.run_id, str(path), target or None)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         if self._log_files:
@@ -307,7 +320,11 @@ def create_run(
             stacklevel=2,
         )
         return NullTracker()
-    tracker = MlflowTracker(client, run_id, cfg.log_artifacts)
+    store: tuple[Path, ...] = ()
+    if uri.startswith("sqlite:///"):
+        database = Path(uri.removeprefix("sqlite:///"))
+        store = (database, database.parent / "mlartifacts")
+    tracker = MlflowTracker(client, run_id, cfg.log_artifacts, store)
     tracker.set_tags(all_tags)
     if config is not None:
         log_config(tracker, config)
