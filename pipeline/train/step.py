@@ -59,20 +59,22 @@ def training_targets(batch: Batch) -> tuple[list[dict[str, torch.Tensor]], int]:
 def to_device(
     batch: Batch, targets: list[dict[str, torch.Tensor]], device: torch.device, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, torch.Tensor]]]:
-    """Images (in ``dtype``), image sizes and targets on ``device`` (asynchronous from pinned memory)."""
+    """Images (in ``dtype``) and targets on ``device`` (asynchronous from pinned memory); the image sizes
+    stay on the host, where the detector reads them as Python ints (on a GPU each read would wait for it)."""
     non_blocking = device.type == "cuda"
     images = batch.images
     if non_blocking:
         images = images.pin_memory()
     images = images.to(device, dtype, non_blocking=non_blocking)
-    sizes = batch.image_sizes.to(device, non_blocking=non_blocking)
     moved = [{k: v.to(device, non_blocking=non_blocking) for k, v in t.items()} for t in targets]
-    return images, sizes, moved
+    return images, batch.image_sizes, moved
 
 
 def global_num_boxes(local: int, device: torch.device) -> torch.Tensor:
-    """Boxes per rank averaged over ranks, at least 1: the loss normaliser (a device tensor, no host wait)."""
-    count = torch.tensor(float(local), device=device)
+    """Boxes per rank averaged over ranks, at least 1: the loss normaliser (a device tensor, no host wait).
+
+    A fill kernel rather than a copy of a host scalar, which would wait for the device's queue."""
+    count = torch.full((), float(local), device=device)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(count)
         count = count / dist.get_world_size()
