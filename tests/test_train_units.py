@@ -32,7 +32,13 @@ from pipeline.train.checkpointing import (
 )
 from pipeline.train.config import DeepSpeedConfig, EMAConfig, LauncherConfig, TrainConfig, TrainStageConfig
 from pipeline.train.ema import EMA
-from pipeline.train.engine import ZERO3_STEP_RESIDENT, _zero3_resident, deepspeed_config
+from pipeline.train.engine import (
+    ZERO3_STEP_RESIDENT,
+    PrecisionError,
+    _zero3_resident,
+    deepspeed_config,
+    resolve_precision,
+)
 from pipeline.train.optim import (
     describe_groups,
     group_rules,
@@ -213,6 +219,14 @@ def test_deepspeed_config() -> None:
         deepspeed_config(DeepSpeedConfig(), train, "auto")
 
 
+def test_resolve_precision_on_the_cpu() -> None:
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == "fp32"
+    assert resolve_precision("bf16", cpu) == "bf16"
+    with pytest.raises(PrecisionError, match="needs a GPU"):
+        resolve_precision("fp16", cpu)
+
+
 def test_zero3_resident_parameters_exist() -> None:
     # Every pattern must still name parameters of the detector (a rename in dino_core would silently
     # drop one and break ZeRO-3).
@@ -302,7 +316,7 @@ def test_non_finite_guard() -> None:
         )
     message = str(caught.value)
     assert "step 11" in message and "ckpt/step_00000008" in message
-    assert "loss=nan" in message and "loss_class=inf" in message and "loss_bbox': 0.5" in message
+    assert "non-finite terms loss=nan, loss_class=inf; finite terms loss_bbox=0.5;" in message
     assert guard.skipped == 4
 
 

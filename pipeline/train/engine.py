@@ -105,11 +105,23 @@ def init_distributed() -> DistInfo:
     return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
 
 
+class PrecisionError(ValueError):
+    """A precision this device cannot train in."""
+
+
 def resolve_precision(requested: str, device: torch.device) -> str:
-    """``auto`` -> ``bf16`` on a GPU that supports it, ``fp16`` on an older GPU, ``fp32`` on the CPU."""
+    """``auto`` -> ``bf16`` on a GPU that supports it, ``fp16`` on an older GPU, ``fp32`` on the CPU.
+
+    Raises:
+        PrecisionError: ``fp16`` on the CPU (DeepSpeed's CPU accelerator has no fp16).
+    """
     if requested != "auto":
-        if requested in ("bf16", "fp16") and device.type != "cuda":
-            log.warning("deepspeed.precision=%s on the CPU: slow and only for checks", requested)
+        if requested == "fp16" and device.type != "cuda":
+            raise PrecisionError(
+                "deepspeed.precision=fp16 needs a GPU (DeepSpeed has no fp16 on the CPU); use bf16 or fp32"
+            )
+        if requested == "bf16" and device.type != "cuda":
+            log.warning("deepspeed.precision=bf16 on the CPU: slow, for checks only")
         return requested
     if device.type != "cuda":
         return "fp32"

@@ -145,6 +145,7 @@ def run_training(cfg: TrainStageConfig) -> TrainResult:
 
     info = init_distributed()
     _setup_logging(info.rank)
+    precision = resolve_precision(cfg.deepspeed.precision, info.device)
     plan = plan_data(cfg)
     model_cfg = dataclasses.replace(cfg.model, num_classes=plan.num_classes)
     if cfg.model.num_classes != plan.num_classes:
@@ -225,7 +226,6 @@ def run_training(cfg: TrainStageConfig) -> TrainResult:
     optimizer = torch.optim.AdamW(
         [g.as_torch() for g in groups], lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
     )
-    precision = resolve_precision(cfg.deepspeed.precision, info.device)
     log.info(
         "DeepSpeed ZeRO-%d, %s, %d rank(s), device %s, micro-batch %d x %d accumulation",
         cfg.deepspeed.zero_stage,
@@ -289,6 +289,7 @@ def run(cfg: TrainStageConfig) -> int:
     from pipeline.data.manifest import ManifestError
     from pipeline.launch import launch
     from pipeline.train.checkpointing import CheckpointError
+    from pipeline.train.engine import PrecisionError
     from pipeline.train.step import NonFiniteLossError
 
     try:
@@ -297,7 +298,14 @@ def run(cfg: TrainStageConfig) -> int:
             plan = plan_data(cfg)
             check_init(cfg.init, dataclasses.replace(cfg.model, num_classes=plan.num_classes))
         result = launch(cfg, run_training)
-    except (InitError, DataError, ManifestError, CheckpointError, NonFiniteLossError) as error:
+    except (
+        InitError,
+        DataError,
+        ManifestError,
+        CheckpointError,
+        NonFiniteLossError,
+        PrecisionError,
+    ) as error:
         rank = int(os.environ.get("RANK", "0"))
         print(f"error{f' (rank {rank})' if rank else ''}: {error}", file=sys.stderr, flush=True)
         return 2
