@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dino_core.config import config_from_dict, config_to_dict
 from pipeline.checkpoint import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -128,8 +129,9 @@ def check_resumable(saved: TrainState, current: TrainState, where: Path) -> None
         raise IncompatibleRunError(
             f"{where} holds checkpoints of a {saved.stage} run, this is {current.stage}: use another out="
         )
-    if saved.model != current.model:
-        differing = _dict_diff(saved.model, current.model)
+    saved_model = _normalised(saved.model, where)
+    if saved_model != current.model:
+        differing = _dict_diff(saved_model, current.model)
         raise IncompatibleRunError(
             f"{where} holds checkpoints of another model ({'; '.join(differing[:6])}): use another out= for "
             "this model, or the model= of that run to continue it"
@@ -152,6 +154,16 @@ def check_resumable(saved: TrainState, current: TrainState, where: Path) -> None
             f"cannot resume {where} with a different {', '.join(changed)}: the data position and the "
             "ZeRO partitions are defined for the saved values; rerun with them, or start a new out="
         )
+
+
+def _normalised(model: dict[str, Any], where: Path) -> dict[str, Any]:
+    # Through the config class, so that a field added since the checkpoint compares as its default.
+    try:
+        return config_to_dict(config_from_dict(model))
+    except (TypeError, ValueError) as error:
+        raise IncompatibleRunError(
+            f"{where} holds checkpoints of a model this version cannot describe ({error}); use another out="
+        ) from None
 
 
 def _dict_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "model.") -> list[str]:

@@ -210,6 +210,20 @@ class Engine:
         """Optimizer step at the accumulation boundary (clipping included), else just counts the batch."""
         self.engine.step()
 
+    def discard_forward(self) -> None:
+        """Forget a forward pass whose backward is skipped (a non-finite loss). Under ZeRO-3 the parameters
+        it gathered are released and the fetch order starts again; the other stages keep no state."""
+        if self.zero_stage != 3:
+            return
+        coordinator = self.engine.optimizer.parameter_offload.get_param_coordinator()
+        coordinator.release_and_reset_all(self.engine.module)
+        # The recorded fetch order assumes every forward is followed by its backward; without one the
+        # next forward would not match it. DeepSpeed 0.19 has no public call for this: its own
+        # invalidation (a trace mismatch) runs the same private method, after which it records anew.
+        if not coordinator.is_invalid_trace():
+            coordinator._invalidate_trace()
+        coordinator.reset_step()
+
     def at_boundary(self) -> bool:
         """Whether the next :meth:`step` applies the optimizer (the last micro-batch of an accumulation)."""
         return bool(self.engine.is_gradient_accumulation_boundary())
@@ -238,6 +252,11 @@ class Engine:
         if self.zero_stage != 3:
             return nullcontext()
         return _deepspeed().zero.GatheredParameters(list(params), modifier_rank=None)
+
+    @property
+    def gathers(self) -> bool:
+        """Whether :meth:`full_state_dict` is collective (every rank must call it): ZeRO-3 and fp16."""
+        return self.zero_stage == 3 or self.precision == "fp16"
 
     @torch.no_grad()
     def full_state_dict(self) -> dict[str, torch.Tensor]:

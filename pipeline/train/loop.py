@@ -206,6 +206,7 @@ class Trainer:
         if not finite:
             values = self._agreed_terms(vector)
             del terms
+            engine.discard_forward()
             self.guard.record(False, state.global_step, values, self.last_checkpoint)
             state.skipped_nonfinite = self.guard.skipped
             log.warning(
@@ -295,7 +296,8 @@ class Trainer:
         self.checkpoints.write_rank_state(
             partial, self.rank, {"rng": rng_state(self.info.device), "meter": self.meter.state()}
         )
-        full = self.engine.full_state_dict() if self.ema is not None else None
+        wanted = self.ema is not None and (self.rank == 0 or self.engine.gathers)
+        full = self.engine.full_state_dict() if wanted else None
         if self.rank == 0:
             if self.ema is not None and full is not None:
                 source = str(self.checkpoints.root / partial)
@@ -404,7 +406,7 @@ class Trainer:
             metrics.update(self._evaluate("final", self.state.epoch, self.cfg.tta))
         if self.last_losses:
             metrics.update({f"train/{k}": v for k, v in self.last_losses.items()})
-        live = self.engine.full_state_dict()  # collective under ZeRO-3 and fp16
+        live = self.engine.full_state_dict() if self.rank == 0 or self.engine.gathers else {}
         if self.rank == 0:
             tag = step_tag(self.state.global_step)
             raw = export_fp32_state_dict(self.checkpoints.root, tag, self.zero_stage)
