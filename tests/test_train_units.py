@@ -451,6 +451,12 @@ def test_checkpoint_dir_commit_latest_prune(tmp_path: Path) -> None:
 def test_check_resumable() -> None:
     saved = _state()
     check_resumable(saved, _state(global_step=0, epoch=0, batch_in_epoch=0), Path("out/checkpoints"))
+    # A checkpoint written before a config field existed compares as that field's default.
+    older = config_to_dict(DEBUG)
+    del older["pe_temperature"]
+    check_resumable(_state(model=older), saved, Path("out/checkpoints"))
+    with pytest.raises(IncompatibleRunError, match="cannot describe"):
+        check_resumable(_state(model={**config_to_dict(DEBUG), "removed_field": 1}), saved, Path("x"))
     for changed, message in [
         (_state(model=config_to_dict(dataclasses.replace(DEBUG, d_model=64, n_heads=2))), "another model"),
         (_state(classes=[{"id": 1, "name": "a"}, {"id": 2, "name": "c"}]), "another class table"),

@@ -14,10 +14,12 @@ next (``TrainLoader.set_epoch``). Checkpoints are written at accumulation bounda
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,33 @@ from pipeline.train.step import (
 )
 
 log = logging.getLogger("pipeline.train")
+
+RESULT_FILE = "train_result.json"
+
+
+@dataclass
+class TrainResult:
+    """What a finished stage returns (and writes to ``train_result.json``)."""
+
+    model_dir: str
+    """The directory holding ``model.safetensors`` + ``model.json`` (the stage's ``out``)."""
+    stage: str
+    steps: int
+    """Optimizer steps taken over the whole stage (all restarts)."""
+    epoch: int
+    """The epoch the next batch would belong to."""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    """The final evaluation's flat metrics (empty without ``val_data``) and the last training losses."""
+    skipped_nonfinite: int = 0
+    checkpoint: str = ""
+    """The checkpoint the model was consolidated from."""
+    resumed_from: str | None = None
+    """The checkpoint this process started from (None: a fresh start)."""
+
+
+def read_result(out: Path) -> TrainResult:
+    """The completion record a finished stage wrote (``train_result.json``)."""
+    return TrainResult(**json.loads((Path(out) / RESULT_FILE).read_text()))
 
 
 class Trainer:
@@ -120,10 +149,8 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------------------
 
-    def run(self, resumed_from: str | None) -> Any:
+    def run(self, resumed_from: str | None) -> TrainResult:
         """Train to the end of the stage, write the final checkpoint and the model directory."""
-        from pipeline.train.stage import RESULT_FILE, TrainResult, read_result
-
         state = self.state
         result_file = self.out / RESULT_FILE
         if resumed_from is not None and state.global_step >= self.total and result_file.is_file():

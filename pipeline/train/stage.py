@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,45 +30,35 @@ import torch.distributed as dist
 from dino_core.builder import build_criterion, build_dino
 from dino_core.config import config_to_dict
 from pipeline.checkpoint import atomic_write_bytes
-from pipeline.data.manifest import Manifest, load_manifest
+from pipeline.data.manifest import Manifest, ManifestError, load_manifest
 from pipeline.data.stream import StreamSource, train_loader
 from pipeline.data.transforms import train_transform
+from pipeline.launch import launch
 from pipeline.tracking import start_run
-from pipeline.train.checkpointing import CheckpointDir, TrainState, check_resumable
+from pipeline.train.checkpointing import CheckpointDir, CheckpointError, TrainState, check_resumable
 from pipeline.train.config import TrainStageConfig
-from pipeline.train.engine import DistInfo, Engine, deepspeed_config, init_distributed, resolve_precision
+from pipeline.train.engine import (
+    DistInfo,
+    Engine,
+    PrecisionError,
+    deepspeed_config,
+    init_distributed,
+    resolve_precision,
+)
+from pipeline.train.loop import RESULT_FILE, Trainer, TrainResult, read_result
 from pipeline.train.optim import describe_groups, group_rules, parameter_groups
-from pipeline.train.step import TrainModule
+from pipeline.train.step import NonFiniteLossError, TrainModule
 from pipeline.train.warm_start import InitError, check_init, load_backbone_weights, load_pretrained
+
+__all__ = ["DataError", "TrainResult", "plan_data", "read_result", "run", "run_training"]
 
 log = logging.getLogger("pipeline.train")
 
-RESULT_FILE = "train_result.json"
 INIT_REPORT_FILE = "init_report.json"
 
 
 class DataError(ValueError):
     """Training data that cannot be used as configured; the message names the manifest."""
-
-
-@dataclass
-class TrainResult:
-    """What a finished stage returns (and writes to ``train_result.json``)."""
-
-    model_dir: str
-    """The directory holding ``model.safetensors`` + ``model.json`` (the stage's ``out``)."""
-    stage: str
-    steps: int
-    """Optimizer steps taken over the whole stage (all restarts)."""
-    epoch: int
-    """The epoch the next batch would belong to."""
-    metrics: dict[str, Any] = field(default_factory=dict)
-    """The final evaluation's flat metrics (empty without ``val_data``) and the last training losses."""
-    skipped_nonfinite: int = 0
-    checkpoint: str = ""
-    """The checkpoint the model was consolidated from."""
-    resumed_from: str | None = None
-    """The checkpoint this process started from (None: a fresh start)."""
 
 
 @dataclass
@@ -141,8 +131,6 @@ def run_training(cfg: TrainStageConfig) -> TrainResult:
     The launcher's environment must describe the process group (RANK, WORLD_SIZE, MASTER_ADDR,
     MASTER_PORT); :func:`pipeline.launch.launch` provides it for a single process.
     """
-    from pipeline.train.loop import Trainer  # the loop needs the engine; keep this module light to import
-
     info = init_distributed()
     _setup_logging(info.rank)
     precision = resolve_precision(cfg.deepspeed.precision, info.device)
@@ -279,23 +267,12 @@ def run_training(cfg: TrainStageConfig) -> TrainResult:
     return result
 
 
-def read_result(out: Path) -> TrainResult:
-    """The completion record a finished stage wrote (``train_result.json``)."""
-    return TrainResult(**json.loads((Path(out) / RESULT_FILE).read_text()))
-
-
 def run(cfg: TrainStageConfig) -> int:
     """CLI entry of ``pretrain`` and ``finetune``: launch per ``cfg.launcher``; the exit code."""
-    from pipeline.data.manifest import ManifestError
-    from pipeline.launch import launch
-    from pipeline.train.checkpointing import CheckpointError
-    from pipeline.train.engine import PrecisionError
-    from pipeline.train.step import NonFiniteLossError
-
     try:
+        # Refuse bad data or a bad init before any process or Ray worker starts (the workers check again).
+        plan = plan_data(cfg)
         if cfg.stage == "finetune" and cfg.init is not None:
-            # Refuse a bad init before any process starts (the workers check again).
-            plan = plan_data(cfg)
             check_init(cfg.init, dataclasses.replace(cfg.model, num_classes=plan.num_classes))
         result = launch(cfg, run_training)
     except (
