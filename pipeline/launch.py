@@ -6,8 +6,9 @@ process of the group ``cfg.launcher`` describes:
 - ``single``: this process alone, as rank 0 of a one-process group (MASTER_ADDR=127.0.0.1, a free port),
   so DeepSpeed runs exactly as it does on many ranks.
 - ``torchrun``: the process group is in the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
-  MASTER_PORT) set by ``torchrun``, the ``deepspeed`` launcher (``--no_local_rank``) or ``srun`` around
-  torchrun under Slurm (what ``jobs/`` uses); multi-node needs nothing beyond that environment.
+  MASTER_PORT) set by ``torchrun -m pipeline ...``, the ``deepspeed`` launcher (``deepspeed --no_local_rank
+  --module pipeline ...``: Hydra would reject its ``--local_rank`` argument) or ``srun`` around torchrun under
+  Slurm (what ``jobs/`` uses); multi-node needs nothing beyond that environment.
 - ``ray``: Ray Train's ``TorchTrainer`` starts ``launcher.num_workers`` workers on a local Ray (default)
   or the cluster at ``launcher.ray_address``; Ray Train sets up the process group (gloo on CPUs, NCCL on
   GPUs) and DeepSpeed reuses it. After a worker failure Ray restarts the group up to
