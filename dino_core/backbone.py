@@ -12,6 +12,7 @@ another image's padding, which is what makes a detection independent of the batc
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -45,6 +46,14 @@ class _DetectionWindowBlock(SwinTransformerBlock):
         return x[:, :height, :width, :].contiguous()
 
 
+class _GroupNorm(nn.GroupNorm):
+    """GroupNorm with the largest group count up to 32 that divides the channels (He et al., "Rethinking
+    ImageNet Pre-training": what lets a detector's backbone train from scratch at a few images per batch)."""
+
+    def __init__(self, num_channels: int, **_: object) -> None:
+        super().__init__(math.gcd(32, num_channels), num_channels)
+
+
 @dataclass
 class WeightLoadReport:
     """What loading a backbone weight file did."""
@@ -65,9 +74,17 @@ class Backbone(nn.Module):
         num_stages: how many of the last stages to return (1-4).
         frozen_stages: stem and the first ``frozen_stages`` stages get no gradient (-1: none).
         drop_path_rate: stochastic depth for Swin.
+        norm: ResNet normalisation, ``frozen_bn`` (ImageNet weights) or ``group_norm`` (from scratch).
     """
 
-    def __init__(self, name: str, num_stages: int, frozen_stages: int, drop_path_rate: float = 0.0) -> None:
+    def __init__(
+        self,
+        name: str,
+        num_stages: int,
+        frozen_stages: int,
+        drop_path_rate: float = 0.0,
+        norm: str = "frozen_bn",
+    ) -> None:
         super().__init__()
         if not 1 <= num_stages <= 4:
             raise ValueError(f"a backbone returns 1 to 4 stages, got {num_stages}")
@@ -98,9 +115,11 @@ class Backbone(nn.Module):
                 out_indices=tuple(i + 1 for i in stages),
                 zero_init_last=False,
                 drop_path_rate=drop_path_rate,
+                **({"norm_layer": _GroupNorm} if norm == "group_norm" else {}),
             )
-            # Detection batches are too small for batch statistics: BatchNorm is an affine map.
-            body = freeze_batch_norm_2d(body)
+            if norm == "frozen_bn":
+                # Detection batches are too small for batch statistics: BatchNorm is an affine map.
+                body = freeze_batch_norm_2d(body)
             self.patch_size = (1, 1)
             self.stage_names = [f"layer{i + 1}" for i in range(4)]
         else:

@@ -35,6 +35,7 @@ def build_dino(cfg: DINOConfig) -> DINO:
         num_stages=cfg.backbone_levels,
         frozen_stages=cfg.backbone.frozen_stages,
         drop_path_rate=cfg.backbone.drop_path_rate,
+        norm=cfg.backbone.norm,
     )
     neck = Neck(backbone.num_channels, cfg.d_model, cfg.num_levels)
     encoder = Encoder(

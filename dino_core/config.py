@@ -15,6 +15,7 @@ from typing import Any
 QUERY_SELECTIONS = ("static", "pure", "mixed")
 DENOISING_MODES = ("cdn", "dn", "none")
 MSDA_IMPLEMENTATIONS = ("auto", "reference", "fused")
+BACKBONE_NORMS = ("frozen_bn", "group_norm")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -34,9 +35,21 @@ class BackboneConfig:
     The official R50 freezes the stem and stage 1; its Swin trains everything."""
     drop_path_rate: float = 0.0
     """Stochastic depth of transformer backbones (the official Swin-L uses 0.2)."""
+    norm: str = "frozen_bn"
+    """Normalisation of ResNet backbones: ``frozen_bn`` (BatchNorm as a fixed affine map: the paper's,
+    for ImageNet weights) or ``group_norm`` (trainable GroupNorm, up to 32 groups: for a backbone trained
+    from scratch, which frozen random statistics leave unnormalised; the demo model's)."""
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "model.backbone.name must name a timm architecture")
+        _require(
+            self.norm in BACKBONE_NORMS,
+            f"model.backbone.norm must be one of {BACKBONE_NORMS}, got {self.norm!r}",
+        )
+        _require(
+            self.norm == "frozen_bn" or self.name.startswith("resnet"),
+            f"model.backbone.norm={self.norm} is for ResNet backbones; {self.name} has its own LayerNorms",
+        )
         _require(
             -1 <= self.frozen_stages <= 4,
             f"model.backbone.frozen_stages must be in [-1, 4], got {self.frozen_stages}",
