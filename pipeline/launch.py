@@ -31,8 +31,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-import torch.distributed as dist
-
 from pipeline.train.config import TrainStageConfig
 
 log = logging.getLogger(__name__)
@@ -94,8 +92,9 @@ def _single_process_group() -> Iterator[None]:
     try:
         yield
     finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        # The one-process group stays for the life of the process: DeepSpeed caches its groups in module
+        # globals, so a second training in this process (the next job of a basic-launcher sweep) fails
+        # on a destroyed group ("Group ... is not registered"); the next job reuses this one.
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
