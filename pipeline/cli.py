@@ -71,7 +71,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     @hydra.main(config_path=str(CONF_DIR), config_name=command.config_name, version_base="1.3")
     def task(cfg: DictConfig) -> None:
-        status.append(_run(command, cfg))
+        code = _run(command, cfg)
+        status.append(code)
+        if code and HydraConfig.get().mode == RunMode.MULTIRUN:
+            # A sweep job's exit code does not leave a Ray launcher's worker: fail the job, so Hydra reports
+            # it and the sweep exits non-zero with any launcher.
+            raise RuntimeError(f"{name} exited with code {code}")
 
     saved = sys.argv
     sys.argv = [f"{Path(saved[0]).name} {name}", *rest]

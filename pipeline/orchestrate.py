@@ -29,7 +29,6 @@ import os
 import re
 import sys
 import time
-import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ import ray
 from pipeline.checkpoint import atomic_write_bytes
 from pipeline.config import COMMANDS, CONF_DIR, ConfigError, compose, flatten, to_yaml, validate
 from pipeline.orchestrate_config import RunConfig, StageSpec
+from pipeline.stage_task import run_stage
 from pipeline.tracking import NullTracker, Tracker, create_run, end_run, finite, git_commit, ui_command
 
 RECORD = "COMPLETED.json"
@@ -186,6 +186,11 @@ def plan(cfg: RunConfig) -> list[Stage]:
     return stages
 
 
+def _say(message: str) -> None:
+    """A progress line of the orchestrator (timestamped: stages run for minutes to days)."""
+    print(f"[run {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
@@ -313,17 +318,7 @@ def _train_outputs(out: Path) -> tuple[dict[str, Any], list[Path], dict[str, str
 # -------------------------------------------------------------------------------------------- execution
 
 
-def _run_stage(command: str, config: Any) -> tuple[int, str]:
-    """Run one stage command on its validated config; (exit code, error text)."""
-    try:
-        code = COMMANDS[command].entry_function()(config)
-    except Exception as error:
-        traceback.print_exc()
-        return 1, _first_line(error)
-    return int(code or 0), "" if not code else f"exited with code {code}"
-
-
-_stage_task = ray.remote(max_retries=0)(_run_stage)
+_stage_task = ray.remote(max_retries=0)(run_stage)
 
 
 def _ray_env() -> dict[str, str]:
@@ -377,7 +372,7 @@ class Runner:
             return
         self.started_ray, self.dashboard = connect_ray(self.cfg)
         if self.dashboard:
-            print(f"[run] Ray dashboard (stages as tasks, the training runs): {self.dashboard}", flush=True)
+            _say(f"Ray dashboard (stages as tasks, the training runs): {self.dashboard}")
         self.on_change()
 
     def _deps_state(self, stage: Stage) -> str:
@@ -417,7 +412,7 @@ class Runner:
                         d for d in stage.spec.after if self.by_name[d].status not in ("complete", "skipped")
                     ]
                     stage.status, stage.error = "blocked", f"needs {', '.join(failed)}"
-                    print(f"[run] {stage.name}: not run: {stage.error}", flush=True)
+                    _say(f"{stage.name}: not run: {stage.error}")
                     progressed = True
                     continue
                 if state == "wait":
@@ -455,8 +450,8 @@ class Runner:
         stage.metrics = record.get("metrics", {})
         stage.wall_s = float(record.get("wall_s", 0.0))
         stage.mlflow_run_id = record.get("mlflow_run_id", "")
-        print(
-            f"[run] {stage.name}: complete since {record.get('finished')} for this config: skipped",
+        _say(
+            f"{stage.name}: complete since {record.get('finished')} for this config: skipped",
             flush=True,
         )
         self.parent.set_tags({f"skipped.{stage.name}.mlflow_run_id": stage.mlflow_run_id or "-"})
@@ -489,7 +484,7 @@ class Runner:
                 stage.config, tracking=dataclasses.replace(stage.config.tracking, run_id=tracker.run_id)
             )
         stage.status = "running"
-        print(f"[run] {stage.name}: starting: {stage.command_line()}", flush=True)
+        _say(f"{stage.name}: starting: {stage.command_line()}")
         self.on_change()
         return time.time(), tracker
 
@@ -500,19 +495,19 @@ class Runner:
             num_cpus=stage.spec.num_cpus,
             num_gpus=stage.spec.num_gpus,
             runtime_env={"env_vars": _ray_env()},
-        ).remote(stage.command, stage.config)
+        ).remote(COMMANDS[stage.command].entry, stage.config)
         return ref, started, tracker
 
     def _run_in_driver(self, stage: Stage) -> None:
         started, tracker = self._start(stage)
-        code, error = _run_stage(stage.command, stage.config)
+        code, error = run_stage(COMMANDS[stage.command].entry, stage.config)
         self._finish(stage, started, tracker, code, error)
 
     def _finish(self, stage: Stage, started: float, tracker: Tracker, code: int, error: str) -> None:
         stage.wall_s = time.time() - started
         if code != 0:
             stage.status, stage.error = "failed", error or f"exit code {code}"
-            print(f"[run] {stage.name}: FAILED after {stage.wall_s:.1f} s: {stage.error}", flush=True)
+            _say(f"{stage.name}: FAILED after {stage.wall_s:.1f} s: {stage.error}")
             tracker.set_tags({"error": stage.error[:5000]})
             end_run(tracker, "FAILED")
             self.on_change()
@@ -531,7 +526,7 @@ class Runner:
         )
         _write_record(stage, self.by_name, started)
         stage.status = "complete"
-        print(f"[run] {stage.name}: complete in {stage.wall_s:.1f} s {_metric_text(stage)}", flush=True)
+        _say(f"{stage.name}: complete in {stage.wall_s:.1f} s {_metric_text(stage)}")
         self.on_change()
 
 
@@ -686,7 +681,7 @@ def run(cfg: RunConfig) -> int:
         print(describe_plan(stages), flush=True)
         return 0
     root.mkdir(parents=True, exist_ok=True)
-    print(f"[run] pipeline {cfg.name}: {len(stages)} stages -> {root}", flush=True)
+    _say(f"pipeline {cfg.name}: {len(stages)} stages -> {root}")
     uri = cfg.tracking.resolved_uri(root)
     parent = create_run(
         dataclasses.replace(cfg.tracking, run_name=f"{cfg.name} {_iso(started)}"),

@@ -16,6 +16,7 @@ pipeline run), ``tracking.run_id`` logs into an existing run (the one ``run`` ma
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import math
 import os
@@ -235,12 +236,20 @@ def _client(cfg: TrackingConfig, out: Path | str) -> tuple[Any, str] | str:
         reason = _server_reachable(uri, cfg.connect_timeout_s)
         if reason is not None:
             return f"the MLflow server {uri} is unreachable ({reason})"
-    elif uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=uri), uri
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri), uri
+    database = Path(uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    # The first use of a SQLite store creates and migrates its tables; two processes doing it at once (the
+    # jobs of a Ray-launched sweep) break the migration, so one at a time, under a file lock.
+    with (database.parent / f".{database.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)
+    return client, uri
 
 
 def _experiment_id(client: Any, uri: str, name: str) -> str:

@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.errors import ConfigCompositionException
 from pipeline_helpers import meta_parameter_count
 
-from dino_core import PRESETS
+from dino_core import PRESETS, build_criterion, build_dino
 from pipeline.config import CONF_DIR, ConfigError, compose, validate
 from pipeline.orchestrate import PipelineError, plan
 
@@ -150,7 +151,26 @@ def test_the_cli_refuses_an_unknown_key_and_dry_run_plans_without_work(tmp_path:
     )
     assert dry.returncode == 0, dry.stderr
     assert (
-        "pretrain: run" in dry.stdout
-        and "python -m pipeline finetune experiment=demo_finetune" in dry.stdout
+        "pretrain: run" in dry.stdout and "python -m pipeline finetune experiment=demo_finetune" in dry.stdout
     )
     assert not (tmp_path / "demo" / "summary.json").exists()
+
+
+def test_the_demo_model_normalises_its_from_scratch_backbone_and_every_parameter_learns() -> None:
+    model_cfg = PRESETS["demo"]
+    assert model_cfg.backbone.norm == "group_norm" and model_cfg.backbone.frozen_stages == -1
+    torch.manual_seed(0)
+    model = build_dino(model_cfg).train()
+    norms = [type(m).__name__ for m in model.backbone.modules() if "Norm" in type(m).__name__]
+    assert norms and set(norms) == {"_GroupNorm"}
+    images = torch.randn(2, 3, 64, 80)
+    sizes = torch.tensor([[64, 80], [56, 72]])
+    targets = [
+        {"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]])},
+        {"labels": torch.tensor([5]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.3]])},
+    ]
+    loss = build_criterion(model_cfg)(model(images, sizes, targets), targets)["loss"]
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
+    assert all(p.requires_grad for p in model.backbone.parameters())
