@@ -450,10 +450,7 @@ class Runner:
         stage.metrics = record.get("metrics", {})
         stage.wall_s = float(record.get("wall_s", 0.0))
         stage.mlflow_run_id = record.get("mlflow_run_id", "")
-        _say(
-            f"{stage.name}: complete since {record.get('finished')} for this config: skipped",
-            flush=True,
-        )
+        _say(f"{stage.name}: complete since {record.get('finished')} for this config: skipped")
         self.parent.set_tags({f"skipped.{stage.name}.mlflow_run_id": stage.mlflow_run_id or "-"})
         self.on_change()
 
