@@ -71,7 +71,12 @@ def official_layout_weights(key_shapes: list[tuple[str, list[int]]]) -> dict[str
             value = torch.full(size, -math.log(99.0)) + torch.randn(size, generator=g) * 0.5
         elif leaf in ("bias", "in_proj_bias") or "relative_position_bias_table" in key:
             value = torch.randn(size, generator=g) * 0.02
-        elif len(size) >= 2 and not key.endswith(("tgt_embed.weight", "label_enc.weight", "level_embed")):
+        elif key.endswith("tgt_embed.weight"):
+            # One content vector for every query slot: the decoder is then equivariant to the order of
+            # the selected proposals, so near-tied encoder scores (whose order fp32 rounding decides)
+            # cannot change what is detected, only the order of the queries.
+            value = torch.randn(size[1:], generator=g).expand(size).clone()
+        elif len(size) >= 2 and not key.endswith(("label_enc.weight", "level_embed")):
             fan_in = size[1:].numel()
             value = torch.randn(size, generator=g) / math.sqrt(fan_in)
         else:

@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 from official_fixture import CASES, FIXTURE_DIR, fixture_images, official_layout_weights
+from scipy.optimize import linear_sum_assignment
 
 from dino_core import build_dino, preset
 from dino_core.official import load_official_state_dict
@@ -32,6 +33,41 @@ def _model(case: str) -> tuple[torch.nn.Module, dict]:
     return model.eval(), payload
 
 
+def _match_queries(ours: torch.Tensor, official: torch.Tensor) -> torch.Tensor:
+    """Our query index for each official query, matching their anchors (Q, 4) one to one.
+
+    The decoder is equivariant to the order of its queries (the fixture gives every query slot the same
+    content vector), and near-tied encoder scores may be ordered differently by fp32 rounding.
+    """
+    rows, cols = linear_sum_assignment(torch.cdist(official.double(), ours.double(), p=1).numpy())
+    return torch.as_tensor(cols)[torch.as_tensor(rows).argsort()]
+
+
+def assert_same_detections(
+    ours: list[tuple[int, float, list[float]]],
+    official: list[tuple[int, float, list[float]]],
+    score_tol: float,
+    box_tol: float,
+) -> None:
+    """Equal as multisets: every official (label, score, box) has its own match in ours."""
+    assert len(ours) == len(official)
+    assert [s for _, s, _ in ours] == pytest.approx([s for _, s, _ in official], abs=score_tol)
+    unused = list(ours)
+    for label, score, box in official:
+        found = next(
+            (
+                i
+                for i, (l2, s2, b2) in enumerate(unused)
+                if l2 == label
+                and abs(s2 - score) <= score_tol
+                and max(abs(a - b) for a, b in zip(box, b2)) <= box_tol
+            ),
+            None,
+        )
+        assert found is not None, f"official detection {label, score, box} has no match"
+        unused.pop(found)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 @torch.no_grad()
 def test_raw_outputs_and_detections_match_official(case: str, coco_sample) -> None:
@@ -41,28 +77,29 @@ def test_raw_outputs_and_detections_match_official(case: str, coco_sample) -> No
         h, w = sizes[i]
         assert [h, w] == record["size"]
         out = model(images[i : i + 1, :, :h, :w], torch.tensor([[h, w]]))
-        logits, boxes = out.final.logits[0], out.final.boxes[0]
+        anchors = torch.tensor(record["anchors"])
+        order = _match_queries(out.encoder.boxes[0], anchors)
+        logits, boxes = out.final.logits[0, order], out.final.boxes[0, order]
         # The fixture is rounded to 6 decimals (boxes) and 5 (logits); the rest is fp32 reordering.
+        torch.testing.assert_close(out.encoder.boxes[0, order], anchors, atol=2e-5, rtol=0)
         torch.testing.assert_close(boxes, torch.tensor(record["pred_boxes"]), atol=2e-5, rtol=0)
         torch.testing.assert_close(
             logits.max(-1).values, torch.tensor(record["max_logit"]), atol=1e-4, rtol=0
         )
         assert logits.argmax(-1).tolist() == record["argmax"]
-        torch.testing.assert_close(
-            logits[:5], torch.tensor(record["logits_first_queries"]), atol=1e-4, rtol=0
-        )
-        torch.testing.assert_close(
-            out.encoder.boxes[0, :20], torch.tensor(record["interm_boxes_first"]), atol=2e-5, rtol=0
-        )
+        torch.testing.assert_close(logits[::90], torch.tensor(record["logits_of_queries"]), atol=1e-4, rtol=0)
         detections = model.postprocess(out, torch.tensor([record["orig_size"]]))[0]
         expected = record["detections"]
         k = len(expected["scores"])
-        torch.testing.assert_close(
-            detections["scores"][:k], torch.tensor(expected["scores"]), atol=1e-5, rtol=0
+        mine = list(
+            zip(
+                detections["labels"][:k].tolist(),
+                detections["scores"][:k].tolist(),
+                detections["boxes"][:k].tolist(),
+            )
         )
-        assert detections["labels"][:k].tolist() == expected["labels"]
-        torch.testing.assert_close(
-            detections["boxes"][:k], torch.tensor(expected["boxes"]), atol=5e-3, rtol=0
+        assert_same_detections(
+            mine, list(zip(expected["labels"], expected["scores"], expected["boxes"])), 1e-5, 5e-3
         )
 
 
