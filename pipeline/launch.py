@@ -124,7 +124,10 @@ def _run_on_ray(cfg: TrainStageConfig, worker: Callable[[TrainStageConfig], Any]
             # A local Ray's workers import this package from the driver's import path.
             path = os.pathsep.join(p or os.getcwd() for p in sys.path)
             ray.init(
-                include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}}, log_to_driver=True
+                address="local",
+                include_dashboard=False,
+                runtime_env={"env_vars": {"PYTHONPATH": path}},
+                log_to_driver=True,
             )
         started = True
     try:

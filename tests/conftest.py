@@ -44,6 +44,7 @@ def ray_session():
     started = not ray.is_initialized()
     if started:
         ray.init(
+            address="local",
             num_cpus=2,
             include_dashboard=False,
             log_to_driver=False,

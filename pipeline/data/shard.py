@@ -154,7 +154,14 @@ def _connect(cfg: ShardStageConfig) -> bool:
     if cfg.shard.ray_address:
         ray.init(address=cfg.shard.ray_address, log_to_driver=True)
     else:
-        ray.init(num_cpus=cfg.shard.num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=True)
+        # address='local': a new local instance even when a `ray start` cluster runs on this machine.
+        ray.init(
+            address="local",
+            num_cpus=cfg.shard.num_cpus,
+            include_dashboard=False,
+            runtime_env=env,
+            log_to_driver=True,
+        )
     return True
 
 
