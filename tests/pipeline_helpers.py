@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -18,3 +30,55 @@ def meta_parameter_count(model: DINOConfig) -> int:
     with torch.device("meta"):
         detector = build_dino(model)
     return sum(p.numel() for p in detector.parameters())
+
+
+CLIENT_ENV = {"RAY_AUTH_MODE": "token"}
+"""What a process that joins :func:`running_ray_cluster`'s cluster by address needs in its environment."""
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def running_ray_cluster(log: Path, num_cpus: int = 2) -> Iterator[str]:
+    """A Ray cluster started as an operator starts one (``ray start --head``), in its own process group,
+    stopped as a group; yields its address (``IP:port``) for ``ray.address=`` / ``RAY_ADDRESS``.
+
+    Ray 2.60 starts it with token authentication (the token in ~/.ray/auth_token): a process that joins it
+    by address needs ``RAY_AUTH_MODE=token`` (:data:`CLIENT_ENV`).
+
+    Its session lives in a temporary directory of its own: ``ray start`` records its address there, not in
+    /tmp/ray, where any ``ray.init()`` on this machine (other tests) would otherwise join it.
+    """
+    port, client_port = free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rayh", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
+    ray = Path(sys.executable).with_name("ray")
+    command = [
+        str(ray), "start", "--head", "--block", f"--port={port}", f"--num-cpus={num_cpus}",
+        "--include-dashboard=false", f"--ray-client-server-port={client_port}", f"--temp-dir={temp_dir}",
+    ]  # fmt: skip
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **CLIENT_ENV}
+    env.pop("RAY_ADDRESS", None)
+    with log.open("w") as output:
+        head = subprocess.Popen(
+            command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while not (found := re.search(r"--address='([^']+)'", log.read_text())):
+            if head.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"ray start failed: {log.read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield found.group(1)
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from pipeline_helpers import CLIENT_ENV, running_ray_cluster
 
 from pipeline.tracking import git_commit
 
@@ -36,13 +37,15 @@ TINY = [
 ]
 
 
-def _run(out: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, dict]:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+def _run(
+    out: Path, *overrides: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.CompletedProcess, dict]:
+    base = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     result = subprocess.run(
         [sys.executable, "-m", "pipeline", "run", f"out={out}", *TINY, *overrides],
         capture_output=True,
         text=True,
-        env={**env, "OMP_NUM_THREADS": "1"},
+        env={**base, "OMP_NUM_THREADS": "1", **(env or {})},
     )
     summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
     return result, summary
@@ -54,12 +57,15 @@ def _statuses(summary: dict) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def pipeline_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Three runs into one directory: eval failing, then fixed, then again with nothing to do."""
-    out = tmp_path_factory.mktemp("run") / "demo"
+    """Three runs into one directory: eval failing (a local Ray), then fixed (on a running Ray cluster, as
+    an operator's run joins one), then again with nothing to do."""
+    root = tmp_path_factory.mktemp("run")
+    out = root / "demo"
     missing = out / "no_such_model"
     first = _run(out, f'stages.eval.extra=["checkpoint={missing}"]')
     records_after_first = {s: (out / s / "COMPLETED.json").is_file() for s in STAGES}
-    second = _run(out)
+    with running_ray_cluster(root / "ray_head.log") as address:
+        second = _run(out, f"ray.address={address}", env=CLIENT_ENV)
     third = _run(out)
     return {"out": out, "runs": [first, second, third], "records_after_first": records_after_first}
 
@@ -81,6 +87,8 @@ def test_the_failed_stage_reruns_alone(pipeline_runs: dict) -> None:
     for label in ("without_tta", "with_tta"):
         for stat in ("AP", "AP50"):
             assert 0.0 <= evaluation[label][stat] <= 1.0
+    assert "Connecting to existing Ray cluster" in result.stderr
+    assert summary["ray"]["address"].endswith(tuple("0123456789"))
     # The printed summary table and the MLflow UI command.
     assert "AP without TTA" in result.stdout and "AP with TTA" in result.stdout
     assert f"mlflow ui --backend-store-uri sqlite:///{pipeline_runs['out']}/mlflow.db" in result.stdout

@@ -1,6 +1,7 @@
-"""``python -m pipeline finetune --multirun train.lr=a,b`` with Hydra's basic launcher and with the Ray
-launcher (hydra-ray-launcher): each job its own output directory and its own MLflow run, both in one
-experiment of one store, read back through the MLflow client."""
+"""``python -m pipeline finetune --multirun train.lr=a,b`` of the debug preset with Hydra's basic launcher
+and with the Ray launcher (hydra-ray-launcher) on a local Ray and on a running cluster: each job its own
+output directory and its own MLflow run, both in one experiment of one store, read back through the MLflow
+client."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow import MlflowClient
+from pipeline_helpers import CLIENT_ENV, running_ray_cluster
 
 from dino_core import build_dino, preset
 from dino_core.config import config_to_dict
@@ -37,7 +39,7 @@ def finetune_inputs(ray_session, tmp_path_factory: pytest.TempPathFactory) -> tu
     summary = run_shard(
         ShardStageConfig(out=root / "shards", dataset=dataset, shard=ShardConfig(images_per_shard=2))
     )
-    model = preset("demo")
+    model = preset("debug")
     model = type(model)(**{**model.__dict__, "num_classes": 10})
     torch.manual_seed(0)
     classes = [{"id": i, "name": n} for i, n in PRETRAIN_CLASSES]
@@ -45,14 +47,17 @@ def finetune_inputs(ray_session, tmp_path_factory: pytest.TempPathFactory) -> tu
     return summary.manifest_path, root / "pretrain"
 
 
-def _sweep(manifest: Path, init: Path, sweep_dir: Path, *launcher: str) -> subprocess.CompletedProcess:
+def _sweep(
+    manifest: Path, init: Path, sweep_dir: Path, *launcher: str, ray_address: str = ""
+) -> subprocess.CompletedProcess:
     command = [
         sys.executable, "-m", "pipeline", "finetune", "--multirun", "experiment=demo_finetune",
-        "launcher=single", f"init={init}", f"data={manifest}", "train.epochs=1", "train.max_steps=2",
-        "train.lr=1e-4,3e-4", f"hydra.sweep.dir={sweep_dir}", *launcher,
+        "model=debug", "launcher=single", f"init={init}", f"data={manifest}", "train.epochs=1",
+        "train.max_steps=2", "train.lr=1e-4,3e-4", f"hydra.sweep.dir={sweep_dir}", *launcher,
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.run(command, capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"})
+    env |= {"OMP_NUM_THREADS": "1", **({"RAY_ADDRESS": ray_address, **CLIENT_ENV} if ray_address else {})}
+    return subprocess.run(command, capture_output=True, text=True, env=env)
 
 
 def _check_sweep(result: subprocess.CompletedProcess, sweep_dir: Path) -> None:
@@ -84,6 +89,14 @@ def test_a_two_job_sweep_with_the_ray_launcher(finetune_inputs, tmp_path: Path) 
     result = _sweep(manifest, init, tmp_path / "sweep", *launcher)
     _check_sweep(result, tmp_path / "sweep")
     assert "Ray Launcher is launching 2 jobs" in result.stdout + result.stderr
+
+
+def test_a_two_job_sweep_with_the_ray_launcher_on_a_running_cluster(finetune_inputs, tmp_path: Path) -> None:
+    manifest, init = finetune_inputs
+    with running_ray_cluster(tmp_path / "ray_head.log") as address:
+        result = _sweep(manifest, init, tmp_path / "sweep", "hydra/launcher=ray_sweep", ray_address=address)
+    _check_sweep(result, tmp_path / "sweep")
+    assert "Connecting to existing Ray cluster" in result.stdout + result.stderr
 
 
 def test_a_failing_sweep_job_fails_the_sweep_with_either_launcher(finetune_inputs, tmp_path: Path) -> None:
