@@ -229,6 +229,11 @@ def _server_reachable(uri: str, timeout_s: float) -> str | None:
         return str(getattr(error, "reason", error))
 
 
+def _lock_file(database: Path) -> Path:
+    """The file whose lock serialises the first use of SQLite store ``database``."""
+    return database.parent / f".{database.name}.lock"
+
+
 def _client(cfg: TrackingConfig, out: Path | str) -> tuple[Any, str] | str:
     """An MlflowClient and its URI, or the reason why tracking cannot start."""
     uri = cfg.resolved_uri(out)
@@ -245,7 +250,7 @@ def _client(cfg: TrackingConfig, out: Path | str) -> tuple[Any, str] | str:
     database.parent.mkdir(parents=True, exist_ok=True)
     # The first use of a SQLite store creates and migrates its tables; two processes doing it at once (the
     # jobs of a Ray-launched sweep) break the migration, so one at a time, under a file lock.
-    with (database.parent / f".{database.name}.lock").open("w") as lock:
+    with _lock_file(database).open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         client = MlflowClient(tracking_uri=uri)
         client.search_experiments(max_results=1)
@@ -332,7 +337,7 @@ def create_run(
     store: tuple[Path, ...] = ()
     if uri.startswith("sqlite:///"):
         database = Path(uri.removeprefix("sqlite:///"))
-        store = (database, database.parent / "mlartifacts")
+        store = (database, _lock_file(database), database.parent / "mlartifacts")
     tracker = MlflowTracker(client, run_id, cfg.log_artifacts, store)
     tracker.set_tags(all_tags)
     if config is not None:
