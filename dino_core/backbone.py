@@ -226,7 +226,7 @@ class Backbone(nn.Module):
                 f"backbone weights ({layout} layout) do not fit {self.name}: "
                 f"{len(missing)} missing {missing[:10]}, {len(unexpected)} unexpected {unexpected[:10]}, "
                 f"{len(mismatched)} with another shape {mismatched[:5]}; "
-                f"point model.backbone.weights at weights of {self.name}"
+                f"use a weights file made for {self.name} (train.backbone_weights in the pipeline)"
             )
         self.load_state_dict(converted, strict=False)
         kept = sorted(k for k in optional if k not in converted)
