@@ -242,6 +242,25 @@ def _write_record(stage: Stage, by_name: dict[str, Stage], started: float) -> No
     atomic_write_bytes(stage.record_path, (json.dumps(record, indent=1, default=str) + "\n").encode())
 
 
+def _set_aside_superseded(stage: Stage) -> None:
+    """Rename the output of a complete earlier run of ``stage`` that this run replaces (another config or
+    inputs, or ``force``) to ``<stage>.replaced-<its finish time>``: its checkpoints would otherwise be
+    resumed from, or refused as another model's, and nothing is deleted.
+
+    Only a stage that owns its directory (``out`` not shared with other stages) is moved; a directory
+    without a record is an interrupted run of this stage and is kept to resume from.
+    """
+    record = read_record(stage.record_path)
+    if record is None or stage.spec.out or stage.out.resolve() != stage.record_path.parent.resolve():
+        return
+    stamp = re.sub(r"[^0-9T]", "", str(record.get("finished", "")))[:15] or uuid.uuid4().hex[:8]
+    target = stage.out.with_name(f"{stage.out.name}.replaced-{stamp}")
+    while target.exists():
+        target = target.with_name(f"{target.name}-{uuid.uuid4().hex[:4]}")
+    stage.out.rename(target)
+    _say(f"{stage.name}: the earlier run's output (other config or inputs) moved to {target}")
+
+
 def _iso(timestamp: float) -> str:
     return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).isoformat(timespec="seconds")
 
@@ -456,6 +475,7 @@ class Runner:
 
     def _start(self, stage: Stage) -> tuple[float, Tracker]:
         self._ray()
+        _set_aside_superseded(stage)
         stage.record_path.unlink(missing_ok=True)  # a failure must leave no record
         stage.record_path.parent.mkdir(parents=True, exist_ok=True)
         (stage.record_path.parent / "config.yaml").write_text(to_yaml(stage.config))

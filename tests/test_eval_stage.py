@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+from mlflow import MlflowClient
 
 from dino_core.builder import build_dino
 from dino_core.config import config_to_dict
@@ -320,7 +321,11 @@ def test_stage_refuses_a_mismatched_checkpoint_before_inference(
         )
         assert run(cfg) == 2
         assert message in capsys.readouterr().err
-        assert not (tmp_path / "out").exists()
+        # Nothing but the MLflow store, whose run of this evaluation says it failed.
+        assert {p.name for p in (tmp_path / "out").iterdir()} <= {"mlflow.db", ".mlflow.db.lock", "mlartifacts"}
+        client = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        assert runs[0].info.status == "FAILED" and runs[0].data.tags["stage"] == "eval"
     # The same through the command line (model=<preset> is the model config group).
     argv = [
         "eval",

@@ -128,6 +128,24 @@ def test_one_to_one_merge_threshold_and_main_choice() -> None:
         one_to_one_merge(_hand_example(), [1.0], 0, 0.5)
 
 
+def test_one_to_one_merge_matches_each_prediction_once_in_score_order() -> None:
+    # main[1] is a low-scored duplicate of main[0] (IoU 90/110 = 0.82); main[2] another duplicate with a
+    # higher IoU to the flip's box than main[0] has. The flip's one box refines the best-scored only.
+    main = _pred([[0, 0, 10, 10], [0, 0, 10, 11], [1, 0, 11, 10]], [0.9, 0.2, 0.3], [1, 1, 1])
+    flip = _pred([[1, 0, 11, 10]], [0.8], [1])
+    merged = one_to_one_merge([main, flip], [1.0, 1.0], 0, iou_threshold=0.5)
+    # main[0]: (0.9 * [0,0,10,10] + 0.8 * [1,0,11,10]) / 1.7, score 1.7 / 2; the duplicates keep their box
+    # and get half their score (matched by the main augmentation only).
+    expected_first = [0.8 / 1.7, 0.0, 10 + 0.8 / 1.7, 10.0]
+    torch.testing.assert_close(merged["scores"], torch.tensor([0.85, 0.15, 0.1], dtype=torch.float64))
+    torch.testing.assert_close(
+        merged["boxes"],
+        torch.tensor([expected_first, [1, 0, 11, 10], [0, 0, 10, 11]], dtype=torch.float64),
+        atol=1e-12,
+        rtol=0,
+    )
+
+
 def test_one_to_one_merge_with_an_empty_augmentation() -> None:
     preds = [_hand_example()[0], _pred([], [], [])]
     merged = one_to_one_merge(preds, [1.0, 1.0], 0, 0.5, score_mode="main")

@@ -170,3 +170,25 @@ def test_mlflow_holds_a_parent_run_per_run_and_a_nested_run_per_stage(pipeline_r
     evaluation = next(r for r in second if r.info.run_name == "eval")
     assert {"metrics.json", "pr_curve.png"} <= {a.path for a in client.list_artifacts(evaluation.info.run_id)}
     assert "plain/AP" in evaluation.data.metrics and "tta_one_to_one/AP50" in evaluation.data.metrics
+
+
+def test_a_changed_stage_reruns_with_the_stages_reading_it_keeping_the_replaced_output(
+    pipeline_runs: dict,
+) -> None:
+    """Runs last: it changes the directory the other tests read."""
+    out = pipeline_runs["out"]
+    old_record = json.loads((out / "finetune" / "COMPLETED.json").read_text())
+    result, summary = _run(out, 'stages.finetune.extra=["train.epochs=1","train.max_steps=1"]')
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _statuses(summary) == {
+        **dict.fromkeys(STAGES[:6], "skipped"),
+        "finetune": "complete",
+        "eval": "complete",
+    }
+    assert summary["stages"]["finetune"]["metrics"]["steps"] == 1
+    # The replaced run's output was moved aside whole, not resumed from or refused as another run's.
+    (replaced,) = out.glob("finetune.replaced-*")
+    assert json.loads((replaced / "COMPLETED.json").read_text()) == old_record
+    assert (replaced / "model.safetensors").is_file()
+    assert len(list(out.glob("eval.replaced-*"))) == 1 and (out / "eval" / "metrics.json").is_file()
+    assert not list(out.glob("pretrain.replaced-*"))

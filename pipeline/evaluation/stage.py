@@ -33,6 +33,9 @@ from pipeline.evaluation.config import EvalConfig, TTAConfig
 from pipeline.evaluation.engine import AnchorDistances, EvalRun, evaluate
 from pipeline.evaluation.outputs import Tracker, flat_metrics, write_outputs
 from pipeline.evaluation.samples import EvalSample, eval_samples, images_of_rank
+from pipeline.tracking import Tracker as StageRun
+from pipeline.tracking import start_run
+from pipeline.tracking_config import TrackingConfig
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,8 @@ class EvalStageConfig:
     """``auto`` (this rank's GPU when there is one, else the CPU), ``cpu`` or ``cuda``."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     tta: TTAConfig = field(default_factory=TTAConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """MLflow: the run of this evaluation (default: a SQLite store in ``out``; ``tracking=none``: off)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -199,67 +204,89 @@ def run(cfg: EvalStageConfig) -> int:
     assert cfg.checkpoint is not None and cfg.data is not None  # checked by EvalStageConfig
     device = _device(cfg.device)
     created = _init_distributed(device)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     try:
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        try:
-            manifest = load_manifest(cfg.data)
-        except ManifestError as error:
-            return _error(str(error))
-        if manifest.num_samples == 0:
-            return _error(f"{manifest.location}: the split has no images to evaluate")
-        categories = [{"id": c.id, "name": c.name} for c in manifest.categories]
-        try:
-            if cfg.checkpoint.is_dir():
-                # Refuse on the card alone, before reading any weights.
-                check_checkpoint(load_card(cfg.checkpoint), categories, cfg.model)
-            model, card = load_checkpoint(cfg.checkpoint, cfg.model, device)
-            check_checkpoint(card, categories, cfg.model)
-        except ValueError as error:  # CheckpointMismatchError, or an unreadable checkpoint
-            return _error(str(error))
-        header = {
-            "checkpoint": {
-                "path": str(cfg.checkpoint.resolve()),
-                "preset": _preset_name(card.config),
-                "step": card.step,
-                "epoch": card.epoch,
-                "stage": card.stage,
-                "ema": card.ema,
-                "source": card.source,
-            },
-            "dataset": {
-                "manifest": manifest.location,
-                "manifest_sha256": manifest_sha256(manifest),
-                "dataset": manifest.dataset,
-                "split": manifest.split,
-            },
-        }
-        if rank == 0:
-            log.info(
-                "eval: %s on %s/%s (%d images), %d rank(s), device %s",
-                cfg.checkpoint,
-                manifest.dataset,
-                manifest.split,
-                manifest.num_samples,
-                world,
-                device,
-            )
-        run_evaluation(
-            model,
-            eval_samples(manifest, rank, world, cfg.eval.num_workers, cfg.shards),
-            categories,
-            cfg.eval,
-            cfg.tta,
-            cfg.out,
-            header,
-            anchor_distances=atd_function(card.config),
-            expected_images=images_of_rank(manifest, rank, world, cfg.eval.num_workers),
-        )
-        if rank == 0:
-            log.info("eval: wrote %s", cfg.out / "metrics.json")
+        # The run exists before the checks, so that a refused evaluation is in MLflow too (FAILED).
+        with start_run(cfg.tracking, cfg.out, "eval", config=cfg, rank=rank) as tracker:
+            _evaluate_checkpoint(cfg, device, rank, world, tracker)
         return 0
+    except _Refused as error:
+        return _error(str(error))
     finally:
         if created:
             dist.destroy_process_group()
+
+
+class _Refused(Exception):
+    """An input the evaluation refuses before any inference (exit code 2)."""
+
+
+def _evaluate_checkpoint(
+    cfg: EvalStageConfig, device: torch.device, rank: int, world: int, tracker: StageRun
+) -> None:
+    assert cfg.checkpoint is not None and cfg.data is not None
+    try:
+        manifest = load_manifest(cfg.data)
+    except ManifestError as error:
+        raise _Refused(str(error)) from error
+    if manifest.num_samples == 0:
+        raise _Refused(f"{manifest.location}: the split has no images to evaluate")
+    categories = [{"id": c.id, "name": c.name} for c in manifest.categories]
+    try:
+        if cfg.checkpoint.is_dir():
+            # Refuse on the card alone, before reading any weights.
+            check_checkpoint(load_card(cfg.checkpoint), categories, cfg.model)
+        model, card = load_checkpoint(cfg.checkpoint, cfg.model, device)
+        check_checkpoint(card, categories, cfg.model)
+    except ValueError as error:  # CheckpointMismatchError, or an unreadable checkpoint
+        raise _Refused(str(error)) from error
+    header = {
+        "checkpoint": {
+            "path": str(cfg.checkpoint.resolve()),
+            "preset": _preset_name(card.config),
+            "step": card.step,
+            "epoch": card.epoch,
+            "stage": card.stage,
+            "ema": card.ema,
+            "source": card.source,
+        },
+        "dataset": {
+            "manifest": manifest.location,
+            "manifest_sha256": manifest_sha256(manifest),
+            "dataset": manifest.dataset,
+            "split": manifest.split,
+        },
+    }
+    tracker.set_tags(
+        {
+            "dataset.manifest_sha256": header["dataset"]["manifest_sha256"],
+            "checkpoint": header["checkpoint"]["path"],
+        }
+    )
+    if rank == 0:
+        log.info(
+            "eval: %s on %s/%s (%d images), %d rank(s), device %s",
+            cfg.checkpoint,
+            manifest.dataset,
+            manifest.split,
+            manifest.num_samples,
+            world,
+            device,
+        )
+    run_evaluation(
+        model,
+        eval_samples(manifest, rank, world, cfg.eval.num_workers, cfg.shards),
+        categories,
+        cfg.eval,
+        cfg.tta,
+        cfg.out,
+        header,
+        tracker=tracker if rank == 0 else None,
+        anchor_distances=atd_function(card.config),
+        expected_images=images_of_rank(manifest, rank, world, cfg.eval.num_workers),
+    )
+    if rank == 0:
+        log.info("eval: wrote %s", cfg.out / "metrics.json")
 
 
 def _fmt(value: float | None) -> str:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torchvision import tv_tensors
@@ -113,10 +114,13 @@ def one_to_one_merge(
     augmentations, ``m = main`` and ``w_a`` the weights. For every main prediction ``i`` (box ``b_i``,
     class ``c_i``, score ``s_i``):
 
-    - from every other augmentation ``a``, take the prediction ``j`` of class ``c_i`` with the highest
-      IoU with ``b_i``; it matches (``u_a = 1``) when that IoU is strictly above ``iou_threshold``,
-      else ``u_a = 0``. The main augmentation matches itself (``u_m = 1``, ``j = i``). A prediction of
-      ``a`` may refine several main predictions; nothing is removed (no NMS).
+    - every other augmentation ``a`` is matched one to one: in descending main score, each main
+      prediction claims the still unclaimed prediction ``j`` of ``a`` of class ``c_i`` with the highest IoU
+      with ``b_i``, if that IoU is strictly above ``iou_threshold`` (``u_a = 1``, else ``u_a = 0``), as
+      COCO's evaluation matches detections to ground truth. A prediction of ``a`` thus refines at most
+      one main prediction: a low-scored duplicate of a main box cannot borrow the confirmation of the
+      box it duplicates. The main augmentation matches itself (``u_m = 1``, ``j = i``). Nothing is
+      removed (no NMS).
     - merged box = ``sum_a u_a w_a s_aj b_aj / sum_a u_a w_a s_aj``, the average weighted by
       matched x weight x score (the main box when that sum is 0, i.e. a zero score);
     - merged score = ``sum_a u_a w_a s_aj / sum_a w_a`` for ``score_mode="mean"`` (the weighted mean over
@@ -153,11 +157,10 @@ def one_to_one_merge(
         elif len(pred["scores"]) == 0 or len(ref_scores) == 0:
             continue
         else:
-            iou = box_iou(ref_boxes, pred["boxes"].double())  # (K_m, K_a)
-            iou = iou.masked_fill(ref_labels[:, None] != pred["labels"][None, :], -1.0)
-            best_iou, best = iou.max(dim=1)
-            boxes, scores = pred["boxes"].double()[best], pred["scores"].double()[best]
-            matched = (best_iou > iou_threshold).double()
+            best = _claim_one_to_one(ref_boxes, ref_scores, ref_labels, pred, iou_threshold)
+            matched = (best >= 0).double()
+            boxes = pred["boxes"].double()[best.clamp_min(0)]
+            scores = pred["scores"].double()[best.clamp_min(0)]
         coef = matched * float(weight) * scores
         weighted_boxes += coef[:, None] * boxes
         coef_sum += coef
@@ -166,6 +169,27 @@ def one_to_one_merge(
     merged_scores = coef_sum / float(sum(weights)) if score_mode == "mean" else ref_scores.clone()
     order = torch.argsort(merged_scores, descending=True, stable=True)
     return {"boxes": merged_boxes[order], "scores": merged_scores[order], "labels": ref_labels[order]}
+
+
+def _claim_one_to_one(
+    ref_boxes: Tensor, ref_scores: Tensor, ref_labels: Tensor, pred: Prediction, iou_threshold: float
+) -> Tensor:
+    """For each main prediction (K_m,) the index of the prediction of ``pred`` it claims, or -1.
+
+    Greedy in descending main score (ties: lower index first): the unclaimed same-class prediction with
+    the highest IoU, strictly above ``iou_threshold``.
+    """
+    iou = box_iou(ref_boxes, pred["boxes"].double())  # (K_m, K_a)
+    iou = iou.masked_fill(ref_labels[:, None] != pred["labels"][None, :], -1.0).numpy()
+    claimed_by = np.full(len(ref_scores), -1, dtype=np.int64)
+    candidates = iou.max(axis=1) > iou_threshold
+    order = torch.argsort(ref_scores, descending=True, stable=True).numpy()
+    for i in order[candidates[order]]:
+        j = int(iou[i].argmax())
+        if iou[i, j] > iou_threshold:
+            claimed_by[i] = j
+            iou[:, j] = -1.0
+    return torch.from_numpy(claimed_by)
 
 
 def nms_merge(predictions: Sequence[Prediction], iou_threshold: float, max_detections: int) -> Prediction:
