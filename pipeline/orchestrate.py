@@ -44,6 +44,8 @@ from pipeline.stage_task import run_stage
 from pipeline.tracking import NullTracker, Tracker, create_run, end_run, finite, git_commit, ui_command
 
 RECORD = "COMPLETED.json"
+STARTED = "STARTED.json"
+"""What a started stage runs with (config hash, inputs): only an interrupted run of the same is resumed."""
 RECORD_FORMAT = "dino-pipeline/stage-record-v1"
 SUMMARY = "summary.json"
 DRIVER_COMMANDS = ("pretrain", "finetune")
@@ -242,23 +244,31 @@ def _write_record(stage: Stage, by_name: dict[str, Stage], started: float) -> No
     atomic_write_bytes(stage.record_path, (json.dumps(record, indent=1, default=str) + "\n").encode())
 
 
-def _set_aside_superseded(stage: Stage) -> None:
-    """Rename the output of a complete earlier run of ``stage`` that this run replaces (another config or
-    inputs, or ``force``) to ``<stage>.replaced-<its finish time>``: its checkpoints would otherwise be
-    resumed from, or refused as another model's, and nothing is deleted.
+def _set_aside_superseded(stage: Stage, upstream: dict[str, str]) -> None:
+    """Rename the output of an earlier run of ``stage`` that this run does not continue to
+    ``<stage>.replaced-<time>``: a complete run (this one has another config or inputs, or is forced) or an
+    interrupted run of another config or inputs. Its checkpoints would otherwise be resumed from, or
+    refused as another model's; nothing is deleted. An interrupted run of this very config and inputs is
+    kept, to resume from.
 
-    Only a stage that owns its directory (``out`` not shared with other stages) is moved; a directory
-    without a record is an interrupted run of this stage and is kept to resume from.
+    Only a stage that owns its directory (``out`` not shared with other stages) is moved.
     """
-    record = read_record(stage.record_path)
-    if record is None or stage.spec.out or stage.out.resolve() != stage.record_path.parent.resolve():
+    if stage.spec.out or stage.out.resolve() != stage.record_path.parent.resolve() or not stage.out.exists():
         return
-    stamp = re.sub(r"[^0-9T]", "", str(record.get("finished", "")))[:15] or uuid.uuid4().hex[:8]
-    target = stage.out.with_name(f"{stage.out.name}.replaced-{stamp}")
+    record = read_record(stage.record_path)
+    if record is None:
+        try:
+            started = json.loads((stage.out / STARTED).read_text())
+        except (OSError, json.JSONDecodeError):
+            return
+        if started == {"config_sha256": stage.config_sha256, "upstream": upstream}:
+            return
+    stamp = datetime.datetime.fromtimestamp(stage.out.stat().st_mtime, datetime.timezone.utc)
+    target = stage.out.with_name(f"{stage.out.name}.replaced-{stamp:%Y%m%dT%H%M%S}")
     while target.exists():
         target = target.with_name(f"{target.name}-{uuid.uuid4().hex[:4]}")
     stage.out.rename(target)
-    _say(f"{stage.name}: the earlier run's output (other config or inputs) moved to {target}")
+    _say(f"{stage.name}: the output of an earlier run (other config or inputs) moved to {target}")
 
 
 def _iso(timestamp: float) -> str:
@@ -475,9 +485,12 @@ class Runner:
 
     def _start(self, stage: Stage) -> tuple[float, Tracker]:
         self._ray()
-        _set_aside_superseded(stage)
+        upstream = _upstream(stage, self.by_name)
+        _set_aside_superseded(stage, upstream)
         stage.record_path.unlink(missing_ok=True)  # a failure must leave no record
         stage.record_path.parent.mkdir(parents=True, exist_ok=True)
+        started = {"config_sha256": stage.config_sha256, "upstream": upstream}
+        atomic_write_bytes(stage.record_path.parent / STARTED, json.dumps(started).encode())
         (stage.record_path.parent / "config.yaml").write_text(to_yaml(stage.config))
         tracking = dataclasses.replace(
             self.cfg.tracking, parent_run_id=self.parent.run_id, run_name=stage.name, run_id=""

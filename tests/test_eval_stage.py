@@ -322,7 +322,8 @@ def test_stage_refuses_a_mismatched_checkpoint_before_inference(
         assert run(cfg) == 2
         assert message in capsys.readouterr().err
         # Nothing but the MLflow store, whose run of this evaluation says it failed.
-        assert {p.name for p in (tmp_path / "out").iterdir()} <= {"mlflow.db", ".mlflow.db.lock", "mlartifacts"}
+        store = {"mlflow.db", ".mlflow.db.lock", "mlartifacts"}
+        assert {p.name for p in (tmp_path / "out").iterdir()} <= store
         client = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
         runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
         assert runs[0].info.status == "FAILED" and runs[0].data.tags["stage"] == "eval"

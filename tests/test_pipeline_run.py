@@ -192,3 +192,10 @@ def test_a_changed_stage_reruns_with_the_stages_reading_it_keeping_the_replaced_
     assert (replaced / "model.safetensors").is_file()
     assert len(list(out.glob("eval.replaced-*"))) == 1 and (out / "eval" / "metrics.json").is_file()
     assert not list(out.glob("pretrain.replaced-*"))
+    # An interrupted run (no record) of that config is not resumed by a run of another config.
+    (out / "finetune" / "COMPLETED.json").unlink()
+    result, summary = _run(out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert summary["stages"]["finetune"]["status"] == "complete"
+    assert summary["stages"]["finetune"]["metrics"]["steps"] == 2
+    assert len(list(out.glob("finetune.replaced-*"))) == 2
