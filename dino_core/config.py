@@ -204,6 +204,23 @@ def config_to_dict(cfg: DINOConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def config_differences(theirs: DINOConfig, ours: DINOConfig, their_label: str) -> list[str]:
+    """Every field where two configs differ, as ``model.<path>: <their_label> <value>, config <value>``
+    (nested fields by their dotted path), for error messages that name what differs."""
+    return _differences(dataclasses.asdict(theirs), dataclasses.asdict(ours), their_label, "model.")
+
+
+def _differences(theirs: dict, ours: dict, label: str, prefix: str) -> list[str]:
+    out = []
+    for key in sorted(set(theirs) | set(ours)):
+        x, y = theirs.get(key), ours.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _differences(x, y, label, f"{prefix}{key}.")
+        elif x != y:
+            out.append(f"{prefix}{key}: {label} {x!r}, config {y!r}")
+    return out
+
+
 def config_from_dict(data: dict) -> DINOConfig:
     """Rebuild a :class:`DINOConfig` from :func:`config_to_dict` output; unknown keys raise ValueError."""
     return _from_dict(DINOConfig, data, "model")

@@ -300,7 +300,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def stage_outputs(stage: Stage) -> tuple[dict[str, Any], list[Path], dict[str, str]]:
-    """Key metrics, files to log and tags of a finished stage, read from the files it wrote."""
+    """Key metrics, files to log (those the stage does not log itself) and tags of a finished stage, read
+    from the files it wrote."""
     out, config = stage.out, stage.config
     if stage.command == "make-demo-data":
         demo = _read_json(out / "demo.json").get("splits", {})
@@ -330,8 +331,7 @@ def stage_outputs(stage: Stage) -> tuple[dict[str, Any], list[Path], dict[str, s
             if mode in results
             for stat in ("AP", "AP50", "AP75")
         }
-        files = [out / "metrics.json", out / "pr_curve.png"]
-        return metrics, files, {}
+        return metrics, [], {}
     if stage.command in DRIVER_COMMANDS:
         return _train_outputs(out)
     return {}, [], {}
@@ -341,7 +341,7 @@ def _train_outputs(out: Path) -> tuple[dict[str, Any], list[Path], dict[str, str
     result = _read_json(out / "train_result.json")
     final = result.get("metrics", {})
     metrics = {"steps": result.get("steps")} | {k: final.get(k) for k in TRAIN_KEY_METRICS if k in final}
-    return metrics, [out / "train_result.json", out / "model.json", out / "metrics.jsonl"], {}
+    return metrics, [out / "train_result.json", out / "metrics.jsonl"], {}
 
 
 # -------------------------------------------------------------------------------------------- execution
@@ -544,7 +544,10 @@ class Runner:
             return
         metrics, files, tags = stage_outputs(stage)
         stage.metrics = {k: v for k, v in metrics.items() if v is not None}
-        tracker.log_metrics(finite(stage.metrics) | {"wall_s": stage.wall_s})
+        # A stage that logs itself has its metrics in its run at their own steps already: logging the
+        # summary values again would add a point at step 0 to its curves.
+        logs_itself = _has_field(stage.command, "tracking")
+        tracker.log_metrics({"wall_s": stage.wall_s} | ({} if logs_itself else finite(stage.metrics)))
         tracker.set_tags(tags)
         for path in files:
             if path.is_file():

@@ -43,6 +43,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def stop_process_group(process: subprocess.Popen, timeout_s: float) -> None:
+    """SIGTERM the process group ``process`` leads (``start_new_session=True``); SIGKILL after
+    ``timeout_s`` seconds."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 @contextlib.contextmanager
 def running_ray_cluster(log: Path, num_cpus: int = 2) -> Iterator[str]:
     """A Ray cluster started as an operator starts one (``ray start --head``), in its own process group,
@@ -75,10 +86,5 @@ def running_ray_cluster(log: Path, num_cpus: int = 2) -> Iterator[str]:
             time.sleep(0.5)
         yield found.group(1)
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
+        stop_process_group(head, timeout_s=90)
         shutil.rmtree(temp_dir, ignore_errors=True)

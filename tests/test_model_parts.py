@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torchvision.ops import generalized_box_iou
 
 from dino_core.atd import anchor_distances, average_top_k_distance
 from dino_core.box_ops import cxcywh_to_xyxy, inverse_sigmoid, xyxy_to_cxcywh
+from dino_core.config import config_differences, config_from_dict, config_to_dict
 from dino_core.denoising import build_denoising_queries, denoising_attn_mask
 from dino_core.detector import DetectorOutput, Prediction
 from dino_core.matcher import HungarianMatcher
+from dino_core.presets import preset
 
 
 def test_box_round_trips_and_inverse_sigmoid() -> None:
@@ -177,3 +181,18 @@ def test_atd_hand_computed() -> None:
     assert average_top_k_distance(torch.tensor([0.1, 0.3, 0.2]), k=2) == pytest.approx(0.25)
     with pytest.raises(ValueError, match="needs at least 5"):
         average_top_k_distance(torch.tensor([0.1]), k=5)
+
+
+def test_config_round_trip_and_differences_by_dotted_path() -> None:
+    base = preset("dino_r50_4scale")
+    assert config_from_dict(config_to_dict(base)) == base
+    assert config_differences(base, base, "checkpoint") == []
+    other = dataclasses.replace(
+        base, num_queries=300, denoising=dataclasses.replace(base.denoising, num_queries=50)
+    )
+    assert config_differences(other, base, "init") == [
+        "model.denoising.num_queries: init 50, config 100",
+        "model.num_queries: init 300, config 900",
+    ]
+    with pytest.raises(ValueError, match=r"model.backbone: unknown keys \['depth'\]"):
+        config_from_dict({**config_to_dict(base), "backbone": {"name": "resnet50", "depth": 50}})

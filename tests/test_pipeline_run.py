@@ -163,6 +163,8 @@ def test_mlflow_holds_a_parent_run_per_run_and_a_nested_run_per_stage(pipeline_r
     pretrain = by_name["pretrain"]
     assert pretrain.data.params["train.max_steps"] == "2"
     assert "train/loss" in pretrain.data.metrics and "dataset.manifest_sha256" in pretrain.data.tags
+    # Their curves hold their own points only (run's summary values are not logged into them again).
+    assert [m.step for m in client.get_metric_history(pretrain.info.run_id, "train/loss")] == [2]
     shard = by_name["shard_pretrain_train"]
     manifest = out / "shards" / "demo_pretrain" / "train" / "manifest.json"
     assert shard.data.tags["dataset.manifest_sha256"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
@@ -170,6 +172,7 @@ def test_mlflow_holds_a_parent_run_per_run_and_a_nested_run_per_stage(pipeline_r
     evaluation = next(r for r in second if r.info.run_name == "eval")
     assert {"metrics.json", "pr_curve.png"} <= {a.path for a in client.list_artifacts(evaluation.info.run_id)}
     assert "plain/AP" in evaluation.data.metrics and "tta_one_to_one/AP50" in evaluation.data.metrics
+    assert len(client.get_metric_history(evaluation.info.run_id, "plain/AP")) == 1
 
 
 def test_a_changed_stage_reruns_with_the_stages_reading_it_keeping_the_replaced_output(

@@ -4,7 +4,6 @@ read back through the MLflow client."""
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from pipeline_helpers import free_port, stop_process_group
 
 from pipeline.tracking import NullTracker, create_run, end_run, git_commit, start_run
 from pipeline.tracking_config import TrackingConfig
@@ -157,9 +157,7 @@ def test_bad_tracking_settings_are_refused_naming_the_key(changes: dict, message
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real ``mlflow server`` on 127.0.0.1 (its own process group, stopped as a group)."""
     root = tmp_path_factory.mktemp("mlflow_server")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     mlflow = Path(sys.executable).with_name("mlflow")
     command = [
         str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
@@ -186,12 +184,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             time.sleep(0.5)
         yield uri
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop_process_group(server, timeout_s=30)
         log.close()
 
 

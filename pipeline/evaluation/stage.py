@@ -25,7 +25,7 @@ from torch import nn
 
 from dino_core.atd import anchor_distances
 from dino_core.builder import build_criterion
-from dino_core.config import DINOConfig, config_from_dict
+from dino_core.config import DINOConfig, config_differences, config_from_dict
 from dino_core.presets import PRESETS
 from pipeline.checkpoint import ModelCard, load_card, load_checkpoint
 from pipeline.data.manifest import Manifest, ManifestError, load_manifest, read_text
@@ -94,12 +94,7 @@ def check_checkpoint(card: ModelCard, categories: list[dict[str, Any]], model: D
     """
     config = card.config
     if model is not None and config != model:
-        ours, theirs = _flat(asdict(model)), _flat(asdict(config))
-        differing = [
-            f"{k}: checkpoint {theirs.get(k)!r}, config {ours.get(k)!r}"
-            for k in sorted(ours)
-            if ours[k] != theirs.get(k)
-        ]
+        differing = config_differences(config, model, "checkpoint")
         raise CheckpointMismatchError(
             f"the checkpoint is a {_preset_name(config) or 'custom'} model, the config asks for "
             f"{_preset_name(model) or 'another architecture'} ({'; '.join(differing[:6])}); drop the "
@@ -127,16 +122,6 @@ def check_checkpoint(card: ModelCard, categories: list[dict[str, Any]], model: D
             f"category ids {too_large[:10]} are not below the checkpoint's num_classes={config.num_classes}; "
             "class index == category id, so the model cannot predict them"
         )
-
-
-def _flat(tree: dict[str, Any], prefix: str = "model.") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _preset_name(config: DINOConfig) -> str | None:

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dino_core.config import config_from_dict, config_to_dict
+from dino_core.config import DINOConfig, config_differences, config_from_dict
 from pipeline.checkpoint import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -130,8 +130,9 @@ def check_resumable(saved: TrainState, current: TrainState, where: Path) -> None
             f"{where} holds checkpoints of a {saved.stage} run, this is {current.stage}: use another out="
         )
     saved_model = _normalised(saved.model, where)
-    if saved_model != current.model:
-        differing = _dict_diff(saved_model, current.model)
+    current_model = config_from_dict(current.model)
+    if saved_model != current_model:
+        differing = config_differences(saved_model, current_model, "checkpoint")
         raise IncompatibleRunError(
             f"{where} holds checkpoints of another model ({'; '.join(differing[:6])}): use another out= for "
             "this model, or the model= of that run to continue it"
@@ -156,25 +157,14 @@ def check_resumable(saved: TrainState, current: TrainState, where: Path) -> None
         )
 
 
-def _normalised(model: dict[str, Any], where: Path) -> dict[str, Any]:
+def _normalised(model: dict[str, Any], where: Path) -> DINOConfig:
     # Through the config class, so that a field added since the checkpoint compares as its default.
     try:
-        return config_to_dict(config_from_dict(model))
+        return config_from_dict(model)
     except (TypeError, ValueError) as error:
         raise IncompatibleRunError(
             f"{where} holds checkpoints of a model this version cannot describe ({error}); use another out="
         ) from None
-
-
-def _dict_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "model.") -> list[str]:
-    out = []
-    for key in sorted(set(a) | set(b)):
-        x, y = a.get(key), b.get(key)
-        if isinstance(x, dict) and isinstance(y, dict):
-            out += _dict_diff(x, y, f"{prefix}{key}.")
-        elif x != y:
-            out.append(f"{prefix}{key}: checkpoint {x!r}, config {y!r}")
-    return out
 
 
 class CheckpointDir:

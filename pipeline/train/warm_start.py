@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 
 from dino_core.class_remap import RemapReport, remap_class_rows
-from dino_core.config import DINOConfig, config_to_dict
+from dino_core.config import DINOConfig, config_differences
 from dino_core.detector import DINO
 from pipeline.checkpoint import MODEL_FILE, ModelCard, load_card, read_weight_file
 
@@ -57,8 +57,7 @@ def check_init(init: Path, model: DINOConfig) -> ModelCard:
         raise InitError(f"init={init} has model.json but no {MODEL_FILE}; the pretraining run did not finish")
     theirs = dataclasses.replace(card.config, num_classes=model.num_classes)
     if theirs != model:
-        ours, saved = config_to_dict(model), config_to_dict(theirs)
-        differing = [f"{k}: init {saved[k]!r}, config {ours[k]!r}" for k in ours if ours[k] != saved[k]]
+        differing = config_differences(theirs, model, "init")
         raise InitError(
             f"init={init} holds another architecture than model= asks for ({'; '.join(differing[:5])}); "
             "fine-tune with the model= preset the pretraining used"
