@@ -223,6 +223,11 @@ def test_out_of_another_run_is_refused(
     assert result.returncode == 2, _fail(result)
     assert "holds checkpoints of another model" in result.stderr and "model.d_model" in result.stderr
     assert sorted(p.name for p in (reference_run / "checkpoints").iterdir()) == before
+    # Refused before any worker starts: Ray Train would otherwise restart its workers on the refusal.
+    result = run_train("pretrain", [*overrides, "launcher=ray"], cwd=tmp_path)
+    assert result.returncode == 2, _fail(result)
+    assert "holds checkpoints of another model" in result.stderr
+    assert "Ray Train" not in result.stdout + result.stderr
 
 
 def test_finetune_hand_off_remaps_classes_by_name(

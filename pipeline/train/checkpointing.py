@@ -117,34 +117,47 @@ _RESUME_INVARIANTS = (
 )
 
 
-def check_resumable(saved: TrainState, current: TrainState, where: Path) -> None:
-    """Refuse to continue ``saved`` (found in ``where``) under a config that changes what it is.
+def check_same_run(
+    saved: TrainState, stage: str, model: dict[str, Any], classes: list[dict[str, Any]], where: Path
+) -> None:
+    """Refuse checkpoints of another run: another stage, architecture (``model``, a
+    :func:`~dino_core.config.config_to_dict`) or class table. Needs no process group, so the stage checks
+    it before launching any worker.
 
     Raises:
-        IncompatibleRunError: another stage, architecture or class table (this directory belongs to
-            another run), or another world size / batch size / data workers / seed / accumulation / epoch
-            length (the data position and the ZeRO partitions are defined for those).
+        IncompatibleRunError: naming what differs.
     """
-    if saved.stage != current.stage:
+    if saved.stage != stage:
         raise IncompatibleRunError(
-            f"{where} holds checkpoints of a {saved.stage} run, this is {current.stage}: use another out="
+            f"{where} holds checkpoints of a {saved.stage} run, this is {stage}: use another out="
         )
     saved_model = _normalised(saved.model, where)
-    current_model = config_from_dict(current.model)
+    current_model = config_from_dict(model)
     if saved_model != current_model:
         differing = config_differences(saved_model, current_model, "checkpoint")
         raise IncompatibleRunError(
             f"{where} holds checkpoints of another model ({'; '.join(differing[:6])}): use another out= for "
             "this model, or the model= of that run to continue it"
         )
-    if saved.classes != current.classes:
+    if saved.classes != classes:
         saved_ids = {int(c["id"]): c["name"] for c in saved.classes}
-        current_ids = {int(c["id"]): c["name"] for c in current.classes}
+        current_ids = {int(c["id"]): c["name"] for c in classes}
         diff = sorted(k for k in set(saved_ids) | set(current_ids) if saved_ids.get(k) != current_ids.get(k))
         raise IncompatibleRunError(
             f"{where} holds checkpoints trained on another class table (ids differing: {diff[:10]}): use "
             "another out= for this data"
         )
+
+
+def check_resumable(saved: TrainState, current: TrainState, where: Path) -> None:
+    """Refuse to continue ``saved`` (found in ``where``) under a config that changes what it is.
+
+    Raises:
+        IncompatibleRunError: another stage, architecture or class table (:func:`check_same_run`), or
+            another world size / batch size / data workers / seed / accumulation / epoch length (the data
+            position and the ZeRO partitions are defined for those).
+    """
+    check_same_run(saved, current.stage, current.model, current.classes, where)
     changed = [
         f"{k} {getattr(saved, k)} -> {getattr(current, k)}"
         for k in _RESUME_INVARIANTS

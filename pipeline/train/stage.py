@@ -35,7 +35,13 @@ from pipeline.data.stream import StreamSource, train_loader
 from pipeline.data.transforms import train_transform
 from pipeline.launch import launch
 from pipeline.tracking import start_run
-from pipeline.train.checkpointing import CheckpointDir, CheckpointError, TrainState, check_resumable
+from pipeline.train.checkpointing import (
+    CheckpointDir,
+    CheckpointError,
+    TrainState,
+    check_resumable,
+    check_same_run,
+)
 from pipeline.train.config import TrainStageConfig
 from pipeline.train.engine import (
     DistInfo,
@@ -272,8 +278,14 @@ def run(cfg: TrainStageConfig) -> int:
     try:
         # Refuse bad data or a bad init before any process or Ray worker starts (the workers check again).
         plan = plan_data(cfg)
+        model_cfg = dataclasses.replace(cfg.model, num_classes=plan.num_classes)
         if cfg.stage == "finetune" and cfg.init is not None:
-            check_init(cfg.init, dataclasses.replace(cfg.model, num_classes=plan.num_classes))
+            check_init(cfg.init, model_cfg)
+        checkpoints = CheckpointDir(Path(cfg.out))
+        tag = checkpoints.latest()
+        if tag is not None:
+            saved = checkpoints.read_state(tag)
+            check_same_run(saved, cfg.stage, config_to_dict(model_cfg), plan.classes, checkpoints.root)
         result = launch(cfg, run_training)
     except (
         InitError,
