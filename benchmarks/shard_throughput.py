@@ -1,12 +1,16 @@
 """Sharding throughput against ``tar -cf`` of the same files, and its scaling from 1 to 2 Ray workers.
 
-    python benchmarks/shard_throughput.py [--small 1024 --large 4096] [--images-per-shard 128]
+    python benchmarks/shard_throughput.py [--small 1024 --large 6144] [--images-per-shard 128]
+        [--checks structure draft] [--repeats 3]
 
 coco128 (../shared) is replicated under new image ids (copies: tar stores hard links as links) to
 ``--large`` images in benchmarks/out/. Each configuration shards ``--small`` and ``--large`` images;
-throughput is marginal, (large - small) / (t_large - t_small), so Ray start-up, indexing and the
-manifest cancel out. Files are read once first, so both tar and the stage read from the page cache.
-The stage fsyncs every shard (tar does not): "tar + sync" is the same floor made durable.
+throughput is marginal, (large - small) / (t_large - t_small), with medians over ``--repeats`` runs.
+Each configuration runs in one Ray instance started beforehand and warmed by a first run, as on a
+cluster: Ray's start-up and the workers' imports are outside every timed run (they were the noise of an
+earlier version that timed each run with its own Ray). Files are read once first, so both tar and the
+stage read from the page cache. The stage fsyncs every shard (tar does not): "tar + sync" is the same
+floor made durable.
 """
 
 from __future__ import annotations
@@ -16,18 +20,25 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+import ray
 
 from pipeline.data.config import DatasetConfig, ShardConfig, ShardStageConfig
 from pipeline.data.shard import run_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 COCO128 = ROOT.parent / "shared" / "data" / "coco128"
+Data = tuple[Path, Path, int]
+"""A replicated set: image folder, COCO JSON, image bytes."""
 
 
-def replicate(count: int, work: Path) -> tuple[Path, Path, int]:
+def replicate(count: int, work: Path) -> Data:
     """``count`` images (coco128 repeated, copied) and their COCO JSON; returns dir, JSON, bytes."""
     source = json.loads((COCO128 / "annotations" / "instances_train2017.json").read_text())
     images_dir = work / f"images_{count}"
@@ -73,8 +84,8 @@ def time_tar(images_dir: Path, out: Path, sync: bool) -> tuple[float, float]:
 
 def time_shard(
     images_dir: Path, annotations: Path, out: Path, cpus: int, per_shard: int, check: str
-) -> tuple[float, float]:
-    """Wall seconds of the whole stage and CPU seconds of its shard tasks."""
+) -> tuple[float, float, float]:
+    """Wall seconds of the whole stage, CPU seconds of its shard tasks, seconds of its write phase."""
     shutil.rmtree(out, ignore_errors=True)
     cfg = ShardStageConfig(
         out=out,
@@ -93,6 +104,8 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=1024)
     parser.add_argument("--large", type=int, default=6144)
     parser.add_argument("--images-per-shard", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--checks", nargs="+", default=["structure", "draft"], help="decode_check values")
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "out" / "shard_throughput")
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -113,19 +126,33 @@ def main() -> None:
         rows.append((name, small_run[0], large_run[0], rate, rate * extra_mib / extra_images, cpu_ms, phase))
         return rate, cpu_ms, phase
 
-    def tar(sync: bool) -> tuple[tuple[float, float], tuple[float, float]]:
-        return time_tar(small[0], args.work / "s.tar", sync), time_tar(large[0], args.work / "l.tar", sync)
-
-    tar_rate, tar_cpu, _ = record("tar -cf", *tar(False))
-    record("tar -cf + sync", *tar(True))
-    results = {}
-    for cpus, check in ((1, "draft"), (2, "draft"), (1, "header"), (2, "header")):
-        out = args.work / "shards"
-        results[(cpus, check)] = record(
-            f"shard stage, {cpus} Ray worker(s), decode_check={check}",
-            time_shard(small[0], small[1], out, cpus, args.images_per_shard, check),
-            time_shard(large[0], large[1], out, cpus, args.images_per_shard, check),
+    def median_runs(run: Callable[[Data], tuple[float, ...]]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Medians, field by field, of ``--repeats`` (small, large) run pairs, interleaved."""
+        pairs = [(run(small), run(large)) for _ in range(args.repeats)]
+        return tuple(
+            tuple(statistics.median(p[k][f] for p in pairs) for f in range(len(pairs[0][k]))) for k in (0, 1)
         )
+
+    tar_rate, tar_cpu, _ = record(
+        "tar -cf", *median_runs(lambda data: time_tar(data[0], args.work / "t.tar", False))
+    )
+    record("tar -cf + sync", *median_runs(lambda data: time_tar(data[0], args.work / "t.tar", True)))
+    results = {}
+    out = args.work / "shards"
+    for cpus, check in [(cpus, check) for check in args.checks for cpus in (1, 2)]:
+
+        def shard(data: Data, cpus: int = cpus, check: str = check) -> tuple[float, ...]:
+            return time_shard(data[0], data[1], out, cpus, args.images_per_shard, check)
+
+        env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p or os.getcwd() for p in sys.path)}}
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, runtime_env=env)
+        try:
+            shard(small)  # warm-up: the workers start and import the stage
+            results[(cpus, check)] = record(
+                f"shard stage, {cpus} Ray worker(s), decode_check={check}", *median_runs(shard)
+            )
+        finally:
+            ray.shutdown()
     load = os.getloadavg()
     print(
         f"\n{args.small} -> {args.large} images ({extra_mib:.0f} MiB more), {args.images_per_shard} "
@@ -141,10 +168,11 @@ def main() -> None:
             f"{phase:>17.0f}"
         )
     print(
-        "images/s, MiB/s: marginal (small -> large). CPU ms/img: tar's own; the stage's shard tasks (Ray and "
-        "the driver excluded). Write phase: the large run, first task submitted to last done."
+        f"images/s, MiB/s: marginal (small -> large), medians of {args.repeats} runs. CPU ms/img: tar's own; "
+        "the stage's shard tasks (Ray and the driver excluded). Write phase: the large run, first task "
+        "submitted to last done."
     )
-    for check in ("draft", "header"):
+    for check in args.checks:
         two, one = results[(2, check)], results[(1, check)]
         print(
             f"decode_check={check}: 2 workers / tar = {two[0] / tar_rate:.2f} marginal, "

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,25 @@ def test_coco_sample_round_trip(coco_sample_shards: Path, coco_sample: Path) -> 
     )
     report = verify_shards(coco_sample_shards)
     assert report.ok and report.samples == 12 and report.shards_checked == 6
+
+
+def test_shards_are_the_tars_tarfile_writes(coco_sample_shards: Path) -> None:
+    """Our hand-built member headers and padding give the bytes of Python's ``tarfile`` (USTAR, fixed
+    mtime, mode and owner) for the same members."""
+    manifest = load_manifest(coco_sample_shards)
+    for entry in manifest.shards:
+        data = (coco_sample_shards.parent / entry.name).read_bytes()
+        rebuilt = io.BytesIO()
+        with (
+            tarfile.open(fileobj=io.BytesIO(data)) as source,
+            tarfile.open(fileobj=rebuilt, mode="w", format=tarfile.USTAR_FORMAT) as copy,
+        ):
+            for member in source.getmembers():
+                info = tarfile.TarInfo(member.name)
+                info.size, info.mtime, info.mode = member.size, 0, 0o444
+                info.uname = info.gname = "dino"
+                copy.addfile(info, source.extractfile(member))
+        assert rebuilt.getvalue() == data, entry.name
 
 
 def test_rerun_over_finished_output_does_nothing(
@@ -185,6 +205,7 @@ def make_o365_fixture(root: Path) -> None:
         ann(9, 106, [2.0, 2.0, 20.0, 20.0], iscrowd=1),
         ann(10, 999, [1.0, 1.0, 5.0, 5.0]),  # unknown image
         ann(11, 102, [1.0, 1.0, 5.0, 5.0]),  # image missing: goes with the image
+        ann(12, 101, [1.0, 1.0, 5.0, 5.0], note="BAD_LITERAL"),  # balanced but not JSON
     ]
     train = {
         "images": [*train_images[:4], unsafe, *train_images[4:]],
@@ -200,7 +221,8 @@ def make_o365_fixture(root: Path) -> None:
         "annotations": [ann(20 + i, i, [1.0, 2.0, 3.0, 4.0]) for i in (201, 202, 203, 204)],
         "categories": categories,
     }
-    (root / "zhiyuan_objv2_train.json").write_text(json.dumps(train))  # NaN written as the NaN literal
+    text = json.dumps(train).replace('"BAD_LITERAL"', "tru")  # NaN stays the NaN literal
+    (root / "zhiyuan_objv2_train.json").write_text(text)
     (root / "zhiyuan_objv2_val.json").write_text(json.dumps(val))
 
 
@@ -225,6 +247,7 @@ def test_objects365_faults(ray_session, tmp_path: Path) -> None:
         (101, 5, "zero_area_box"),
         (101, 6, "unknown_category"),
         (101, 7, "non_finite_box"),
+        (101, None, "malformed_annotation"),
         (102, None, "missing_image"),
         (103, None, "undecodable_image"),
         (104, None, "undecodable_image"),
@@ -236,6 +259,7 @@ def test_objects365_faults(ray_session, tmp_path: Path) -> None:
     assert manifest.reject_counts == {
         "box_clipped": 1,
         "duplicate_annotation": 1,
+        "malformed_annotation": 1,
         "missing_image": 1,
         "non_finite_box": 1,
         "size_mismatch": 1,

@@ -21,8 +21,13 @@ OUTSIDE_TOLERANCE = 1.0
 """Pixels a COCO box may pass the image border by (the source data has sub-pixel overshoots)."""
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+_NUMBER_TYPES = frozenset((int, float))
+"""What JSON numbers parse to (``bool`` is not one of them)."""
+
+
+def _box_types_ok(bbox: Any) -> bool:
+    """Four numbers or nulls (nulls are rejected afterwards as non-finite)."""
+    return type(bbox) is list and len(bbox) == 4 and all(type(v) in _NUMBER_TYPES or v is None for v in bbox)
 
 
 def check_annotations(
@@ -44,41 +49,36 @@ def check_annotations(
     fixes: Counter[str] = Counter()
     seen: set[str] = set()
     for ann in annotations:
-        ann_id = ann.get("id") if isinstance(ann.get("id"), int) else None
-
-        def reject(reason: str, detail: str, ann_id: int | None = ann_id) -> None:
-            rejected.append(Reject(image_id=image_id, reason=reason, annotation_id=ann_id, detail=detail))
-
+        ann_id = ann.get("id")
+        if type(ann_id) is not int:
+            ann_id = None
         bbox = ann.get("bbox")
-        if not (
-            isinstance(bbox, list)
-            and len(bbox) == 4
-            and all(_is_number(v) or v is None for v in bbox)
-            and isinstance(ann.get("category_id"), int)
-        ):
-            reject(R.MALFORMED_ANNOTATION, "needs 'bbox' [x, y, w, h] and an integer 'category_id'")
-            continue
-        if not all(v is not None and math.isfinite(v) for v in bbox):
-            reject(R.NON_FINITE_BOX, f"bbox {bbox}")
-            continue
-        if ann["category_id"] not in category_ids:
-            reject(R.UNKNOWN_CATEGORY, f"category_id {ann['category_id']}")
-            continue
-        if repair:
+        category = ann.get("category_id")
+        reason = detail = None
+        if not (_box_types_ok(bbox) and isinstance(category, int)):
+            reason, detail = R.MALFORMED_ANNOTATION, "needs 'bbox' [x, y, w, h] and an integer 'category_id'"
+        elif not all(v is not None and math.isfinite(v) for v in bbox):
+            reason, detail = R.NON_FINITE_BOX, f"bbox {bbox}"
+        elif category not in category_ids:
+            reason, detail = R.UNKNOWN_CATEGORY, f"category_id {category}"
+        elif repair:
             identity = json.dumps({k: v for k, v in ann.items() if k != "id"}, sort_keys=True)
             if identity in seen:
-                reject(R.DUPLICATE_ANNOTATION, "same fields as an earlier annotation of the image")
-                continue
+                reason, detail = R.DUPLICATE_ANNOTATION, "same fields as an earlier annotation of the image"
             seen.add(identity)
+        if reason is not None:
+            rejected.append(Reject(image_id, reason, ann_id, detail))
+            continue
         x, y, w, h = bbox
         if w <= 0 or h <= 0:
-            reject(R.ZERO_AREA_BOX, f"bbox {bbox}")
+            rejected.append(Reject(image_id, R.ZERO_AREA_BOX, ann_id, f"bbox {bbox}"))
             continue
         x0, y0, x1, y1 = x, y, x + w, y + h
         if repair:
             cx0, cy0, cx1, cy1 = max(x0, 0.0), max(y0, 0.0), min(x1, float(width)), min(y1, float(height))
             if cx1 <= cx0 or cy1 <= cy0:
-                reject(R.ZERO_AREA_BOX, f"bbox {bbox} has no area inside the {width}x{height} image")
+                detail = f"bbox {bbox} has no area inside the {width}x{height} image"
+                rejected.append(Reject(image_id, R.ZERO_AREA_BOX, ann_id, detail))
                 continue
             if (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1):
                 fixes[R.BOX_CLIPPED] += 1
@@ -89,7 +89,8 @@ def check_annotations(
             or x1 > width + OUTSIDE_TOLERANCE
             or y1 > height + OUTSIDE_TOLERANCE
         ):
-            reject(R.BOX_OUTSIDE_IMAGE, f"bbox {bbox} beyond the {width}x{height} image")
+            detail = f"bbox {bbox} beyond the {width}x{height} image"
+            rejected.append(Reject(image_id, R.BOX_OUTSIDE_IMAGE, ann_id, detail))
             continue
         kept.append(ann)
     return kept, rejected, fixes

@@ -12,7 +12,7 @@ from pathlib import Path
 
 DATASET_KINDS = ("coco", "o365", "coco_format")
 SPLITS = {"coco": ("train", "val"), "o365": ("train", "val")}
-DECODE_CHECKS = ("header", "draft", "full")
+DECODE_CHECKS = ("structure", "draft", "full")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -79,9 +79,10 @@ class ShardConfig:
     """Target shard size in MiB when ``images_per_shard`` is None (WebDataset likes 100 MB - 1 GB)."""
     max_reject_fraction: float = 0.01
     """Fail the stage when more than this fraction of images, or of annotations, is rejected."""
-    decode_check: str = "draft"
-    """How each image is proven to decode: ``header`` (format and size only), ``draft`` (every scan
-    entropy-decoded at reduced scale), ``full`` (full-size decode)."""
+    decode_check: str = "structure"
+    """How each image is proven to decode: ``structure`` (JPEG markers, tables and scans as libjpeg reads
+    them; anything else decoded as ``draft``), ``draft`` (every scan entropy-decoded at reduced scale),
+    ``full`` (full-size decode)."""
     ray_address: str | None = None
     """Ray cluster to use (``auto``, ``ray://host:10001``, ``host:6379``); None: start a local Ray."""
     num_cpus: int | None = None

@@ -1,9 +1,10 @@
 """Proving that image bytes decode, without paying for a full-size decode (the shard stage's check).
 
 The shard stage stores the source bytes unchanged, so it only has to show that a file is an image of the
-size its annotation record says. ``probe_image`` does that at three costs: ``header`` (format and size,
-plus an end-of-image marker for JPEG), ``draft`` (every scan entropy-decoded, the inverse DCT at 1/8
-scale: a truncated or corrupt stream still fails) and ``full``. PIL only: shard workers never load torch.
+size its annotation record says. ``probe_image`` does that at three costs: ``structure`` (a JPEG's
+markers, tables and scans walked as libjpeg reads them, see ``jpeg_structure``; what the walk cannot
+prove, and every other format, is decoded as ``draft`` does), ``draft`` (every scan entropy-decoded, the
+inverse DCT at 1/8 scale) and ``full``. PIL only: shard workers never load torch.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import warnings
 from dataclasses import dataclass
 
 from PIL import Image
+
+from pipeline.data.jpeg_structure import jpeg_size
 
 FORMAT_EXTENSIONS = {"JPEG": "jpg", "PNG": "png"}
 """Formats the shards carry, with the WebDataset extension they are stored under."""
@@ -31,12 +34,16 @@ class ImageProbe:
     height: int
 
 
-def probe_image(data: bytes, level: str = "draft") -> ImageProbe:
-    """Check that ``data`` is a decodable JPEG or PNG; ``level`` is ``header``, ``draft`` or ``full``.
+def probe_image(data: bytes, level: str = "structure") -> ImageProbe:
+    """Check that ``data`` is a decodable JPEG or PNG; ``level`` is ``structure``, ``draft`` or ``full``.
 
     Raises:
         ImageDecodeError: unknown format, truncated or corrupt data (the message says which).
     """
+    if level == "structure":
+        size = jpeg_size(data)
+        if size is not None:
+            return ImageProbe("jpg", *size)
     with warnings.catch_warnings():
         # PIL reports some corrupt streams only as warnings; make them failures.
         warnings.simplefilter("error")
@@ -46,12 +53,9 @@ def probe_image(data: bytes, level: str = "draft") -> ImageProbe:
             if extension is None:
                 raise ImageDecodeError(f"unsupported image format {image.format!r}")
             width, height = image.size
-            if level == "draft" and image.format == "JPEG":
+            if level != "full" and image.format == "JPEG":
                 image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
-            if level != "header":
-                image.load()
-            elif image.format == "JPEG" and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
-                raise ImageDecodeError("truncated JPEG (no end-of-image marker)")
+            image.load()
         except ImageDecodeError:
             raise
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Warning) as error:

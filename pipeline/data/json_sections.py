@@ -25,6 +25,9 @@ CHUNK = 16 << 20
 _OPEN = (ord("{"), ord("["))
 _KEY_BEFORE = re.compile(rb'"((?:[^"\\]|\\.)*)"\s*:\s*$', re.DOTALL)
 _WHITESPACE = b" \t\r\n"
+_DELTA = np.zeros(256, dtype=np.int64)
+_DELTA[list(b"{[")] = 1
+_DELTA[list(b"}]")] = -1
 
 
 class JSONStructureError(ValueError):
@@ -106,17 +109,13 @@ def scan(
             break
         arr = np.frombuffer(chunk, dtype=np.uint8)
         quotes = _unescaped_quotes(arr, backslashes if in_string else 0)
-        mask = arr == ord("{")
-        for char in b"}[],":
-            mask |= arr == char
-        structural = np.flatnonzero(mask)
-        inside = (np.searchsorted(quotes, structural) + int(in_string)) % 2 == 1
-        structural = structural[~inside]
+        folded = arr | 0x20  # '[' -> '{', ']' -> '}': one compare each for both bracket kinds
+        structural = np.flatnonzero((folded == ord("{")) | (folded == ord("}")) | (arr == ord(",")))
+        outside = (np.searchsorted(quotes, structural) & 1) == int(in_string)
+        structural = structural[outside]
         chars = arr[structural]
-        delta = np.zeros(structural.size, dtype=np.int64)
-        delta[(chars == ord("{")) | (chars == ord("["))] = 1
-        delta[(chars == ord("}")) | (chars == ord("]"))] = -1
-        after = depth + np.cumsum(delta)
+        delta = _DELTA[chars]
+        after = depth + np.cumsum(delta, dtype=np.int64)
         before = after - delta
         if after.size and after.min() < 0:
             raise JSONStructureError(

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+import orjson
 
 from pipeline.data import rejects as R
 from pipeline.data.annotation_checks import check_annotations
@@ -26,17 +27,48 @@ from pipeline.data.image_check import ImageDecodeError, probe_image
 from pipeline.data.manifest import KEY_DIGITS, Reject, ShardEntry
 
 
+def _member_header(name: str, size: int) -> bytes:
+    """The USTAR header ``tarfile`` writes for a regular file ``name`` of ``size`` bytes, with mtime 0,
+    mode 0444 and owner ``dino`` (equal bytes, tested), built directly: 4x cheaper than ``TarInfo``."""
+    encoded = name.encode("utf-8")
+    if len(encoded) > 100 or size >= 8**11:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = size, 0, 0o444
+        info.uname = info.gname = "dino"
+        return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+    header = bytearray(
+        encoded.ljust(100, b"\0")
+        + b"0000444\0"
+        + b"0000000\0" * 2
+        + b"%011o\0" % size
+        + b"00000000000\0"
+        + b" " * 8
+        + b"0"
+        + b"\0" * 100
+        + b"ustar\x0000"
+        + b"dino".ljust(32, b"\0") * 2
+    ).ljust(tarfile.BLOCKSIZE, b"\0")
+    header[148:155] = b"%06o\0" % sum(header)
+    return bytes(header)
+
+
+_WRITEBACK_BYTES = 4 << 20
+
+
 class _TarOut:
     """A deterministic plain tar written straight to a file, hashed and counted as it goes.
 
-    ``tarfile``'s member headers (USTAR, mtime 0, mode 0444, owner ``dino``), but the data is written in
-    one piece instead of 10 KiB stream records, which took more CPU than hashing the bytes.
+    ``tarfile``'s member headers, but the data is written in one piece instead of 10 KiB stream records,
+    which took more CPU than hashing the bytes. Every ``_WRITEBACK_BYTES`` the written range is handed to
+    the kernel (``POSIX_FADV_DONTNEED`` starts its writeback and keeps it out of the page cache), so the
+    fsync at the end waits for the last few MiB instead of the whole shard (8 -> 1 ms per 22 MB here).
     """
 
     def __init__(self, handle: BinaryIO) -> None:
         self._handle = handle
         self.sha256 = hashlib.sha256()
         self.size = 0
+        self._handed_over = 0
 
     def _write(self, data: bytes) -> None:
         self.sha256.update(data)
@@ -44,13 +76,14 @@ class _TarOut:
         self.size += len(data)
 
     def add(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode = len(data), 0, 0o444
-        info.uname = info.gname = "dino"
-        self._write(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
+        self._write(_member_header(name, len(data)))
         self._write(data)
         if len(data) % tarfile.BLOCKSIZE:
             self._write(tarfile.NUL * (tarfile.BLOCKSIZE - len(data) % tarfile.BLOCKSIZE))
+        if self.size - self._handed_over >= _WRITEBACK_BYTES:
+            self._handle.flush()
+            os.posix_fadvise(self._handle.fileno(), self._handed_over, 0, os.POSIX_FADV_DONTNEED)
+            self._handed_over = self.size
 
     def close(self) -> None:
         """End of archive: two zero blocks, padded to a whole record as tar does."""
@@ -102,26 +135,41 @@ class ShardResult:
         )
 
 
+_UNPARSABLE = object()
+
+
 def _read_annotations(path: str) -> tuple[dict[int, list[tuple[dict[str, Any], bytes]]], list[Reject]]:
     """A shard's annotations by image id as (parsed, source bytes) pairs, and rejects for unparsable ones.
 
-    The file's lines are ``<image_id>\\t<annotation JSON as in the source>``.
+    The file's lines are ``<image_id>\\t<annotation JSON as in the source>``, each one balanced JSON value
+    (the driver cut them at the source array's top-level commas), so one parse of them all as an array
+    gives each line's value (orjson: 4x the standard parser on COCO's polygons); a line that does not
+    parse makes it go line by line with ``json.loads``, which decides what the source's values are.
     """
     by_image: dict[int, list[tuple[dict[str, Any], bytes]]] = defaultdict(list)
     rejects: list[Reject] = []
-    if os.path.exists(path):
-        with open(path, "rb") as handle:
-            for line in handle:
-                image_id, _, raw = line.partition(b"\t")
-                raw = raw.strip()
-                try:
-                    ann = json.loads(raw)
-                except ValueError as error:
-                    rejects.append(
-                        Reject(int(image_id), R.MALFORMED_ANNOTATION, None, f"not valid JSON: {error}")
-                    )
-                    continue
-                by_image[int(image_id)].append((ann, raw))
+    if not os.path.exists(path):
+        return by_image, rejects
+    with open(path, "rb") as handle:
+        lines = [line.partition(b"\t") for line in handle.read().splitlines()]
+    raws = [raw.strip() for _, _, raw in lines]
+    try:
+        parsed = orjson.loads(b"[" + b",".join(raws) + b"]")
+    except orjson.JSONDecodeError:  # also strict JSON's refusals (NaN, huge ints): json.loads decides
+        parsed = None
+    if parsed is None or len(parsed) != len(lines):
+        parsed = []
+        for (image_id, _, _), raw in zip(lines, raws):
+            try:
+                parsed.append(json.loads(raw))
+            except ValueError as error:
+                parsed.append(_UNPARSABLE)
+                rejects.append(
+                    Reject(int(image_id), R.MALFORMED_ANNOTATION, None, f"not valid JSON: {error}")
+                )
+    for (image_id, _, _), raw, ann in zip(lines, raws, parsed):
+        if ann is not _UNPARSABLE:
+            by_image[int(image_id)].append((ann, raw))
     return by_image, rejects
 
 
