@@ -16,7 +16,7 @@ tests/test_data_jpeg_structure.py holds the walk to ``decode_jpeg`` on corrupted
 
 from __future__ import annotations
 
-import functools
+import operator
 import re
 from dataclasses import dataclass, field
 
@@ -49,12 +49,16 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-@functools.lru_cache(maxsize=1024)
-def _huffman_tables(body: bytes) -> tuple[frozenset[int], frozenset[int]] | None:
+_KRAFT_WEIGHTS = tuple(1 << (15 - i) for i in range(16))
+"""2^(16 - length) for code lengths 1..16: a table's codes fit when its weighted counts stay below 2^16."""
+
+
+def _huffman_tables(body: bytes) -> tuple[list[int], list[int]] | None:
     """The (DC, AC) table ids a DHT segment defines, if libjpeg builds them all: counts within the
-    segment, codes that fit their lengths, DC symbols up to 15. Cached: encoders repeat their tables."""
-    dc: set[int] = set()
-    ac: set[int] = set()
+    segment, codes that fit their lengths (libjpeg's "Bogus Huffman table definition" when the running
+    code reaches 2^length, i.e. the counts over-subscribe the code space), DC symbols up to 15."""
+    dc: list[int] = []
+    ac: list[int] = []
     i = 0
     while i < len(body):
         if i + 17 > len(body):
@@ -64,32 +68,27 @@ def _huffman_tables(body: bytes) -> tuple[frozenset[int], frozenset[int]] | None
         total = sum(counts)
         if table_class > 1 or table_id > 3 or total > 256 or i + 17 + total > len(body):
             return None
-        code = 0
-        for length, count in enumerate(counts, start=1):
-            code += count
-            if code >= 1 << length:  # over-subscribed: libjpeg's "Bogus Huffman table definition"
-                return None
-            code <<= 1
+        if sum(map(operator.mul, counts, _KRAFT_WEIGHTS)) >= 1 << 16:
+            return None
         symbols = body[i + 17 : i + 17 + total]
         if table_class == 0 and symbols and max(symbols) > 15:
             return None
-        (dc if table_class == 0 else ac).add(table_id)
+        (dc if table_class == 0 else ac).append(table_id)
         i += 17 + total
-    return frozenset(dc), frozenset(ac)
+    return dc, ac
 
 
-@functools.lru_cache(maxsize=1024)
-def _quant_tables(body: bytes) -> frozenset[int] | None:
+def _quant_tables(body: bytes) -> list[int] | None:
     """The table ids a DQT segment defines, if its tables fill it exactly."""
-    defined = set()
+    defined = []
     i = 0
     while i < len(body):
         precision, table_id = body[i] >> 4, body[i] & 0x0F
         i += 1 + 64 * (precision + 1)
         if precision > 1 or table_id > 3 or i > len(body):
             return None
-        defined.add(table_id)
-    return frozenset(defined)
+        defined.append(table_id)
+    return defined
 
 
 def _frame(marker: int, body: bytes) -> _Frame | None:

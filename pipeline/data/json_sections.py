@@ -79,6 +79,29 @@ def _unescaped_quotes(arr: np.ndarray, carry_backslashes: int) -> np.ndarray:
     return quotes[~escaped]
 
 
+def _outside_strings(structural: np.ndarray, quotes: np.ndarray, in_string: bool, size: int) -> np.ndarray:
+    """The structural positions that are not inside a string, given the unescaped quote positions.
+
+    Looks up each string's span among the structural positions (strings are far fewer than commas and
+    brackets, and seldom hold any), instead of each structural position among the quotes.
+    """
+    bounds = quotes
+    if in_string:  # the chunk starts inside a string that an earlier chunk opened
+        bounds = np.concatenate(([-1], bounds))
+    if bounds.size % 2:  # the last string goes on into the next chunk
+        bounds = np.concatenate((bounds, [size]))
+    index = np.searchsorted(structural, bounds)
+    first, stop = index[0::2], index[1::2]
+    spans = np.flatnonzero(stop > first)
+    if not spans.size:
+        return structural
+    counts = stop[spans] - first[spans]
+    offsets = np.repeat(first[spans] - (np.cumsum(counts) - counts), counts)
+    keep = np.ones(structural.size, dtype=bool)
+    keep[offsets + np.arange(int(counts.sum()))] = False
+    return structural[keep]
+
+
 def _trailing_backslashes(chunk: bytes) -> int:
     return len(chunk) - len(chunk.rstrip(b"\\"))
 
@@ -111,8 +134,7 @@ def scan(
         quotes = _unescaped_quotes(arr, backslashes if in_string else 0)
         folded = arr | 0x20  # '[' -> '{', ']' -> '}': one compare each for both bracket kinds
         structural = np.flatnonzero((folded == ord("{")) | (folded == ord("}")) | (arr == ord(",")))
-        outside = (np.searchsorted(quotes, structural) & 1) == int(in_string)
-        structural = structural[outside]
+        structural = _outside_strings(structural, quotes, in_string, arr.size)
         chars = arr[structural]
         delta = _DELTA[chars]
         after = depth + np.cumsum(delta, dtype=np.int64)
