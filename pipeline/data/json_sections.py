@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO
 
 import numpy as np
 
-CHUNK = 16 << 20
+CHUNK = 8 << 20
 _OPEN = (ord("{"), ord("["))
 _KEY_BEFORE = re.compile(rb'"((?:[^"\\]|\\.)*)"\s*:\s*$', re.DOTALL)
 _WHITESPACE = b" \t\r\n"
@@ -102,6 +103,29 @@ def _outside_strings(structural: np.ndarray, quotes: np.ndarray, in_string: bool
     return structural[keep]
 
 
+def _read_ahead(
+    handle: BinaryIO, chunk_size: int
+) -> Iterator[tuple[bytes, np.ndarray, np.ndarray, np.ndarray]]:
+    """The chunks of ``handle`` with their unescaped quotes (as if no backslash run came before the
+    chunk) and their brackets and commas, each chunk prepared in a thread while the caller works on the
+    previous one: reading, hashing and numpy's passes release the GIL, so the two overlap on two cores."""
+
+    def prepare() -> tuple[bytes, np.ndarray, np.ndarray, np.ndarray] | None:
+        chunk = handle.read(chunk_size)
+        if not chunk:
+            return None
+        arr = np.frombuffer(chunk, dtype=np.uint8)
+        folded = arr | 0x20  # '[' -> '{', ']' -> '}': one compare each for both bracket kinds
+        structural = np.flatnonzero((folded == ord("{")) | (folded == ord("}")) | (arr == ord(",")))
+        return chunk, arr, _unescaped_quotes(arr, 0), structural
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="json-read-ahead") as pool:
+        ahead = pool.submit(prepare)
+        while (prepared := ahead.result()) is not None:
+            ahead = pool.submit(prepare)
+            yield prepared
+
+
 def _trailing_backslashes(chunk: bytes) -> int:
     return len(chunk) - len(chunk.rstrip(b"\\"))
 
@@ -126,14 +150,9 @@ def scan(
     element_parts: list[bytes] = []  # bytes of an element that started in an earlier chunk
     element_open = False
     elements_seen = commas_seen = 0
-    while True:
-        chunk = handle.read(chunk_size)
-        if not chunk:
-            break
-        arr = np.frombuffer(chunk, dtype=np.uint8)
-        quotes = _unescaped_quotes(arr, backslashes if in_string else 0)
-        folded = arr | 0x20  # '[' -> '{', ']' -> '}': one compare each for both bracket kinds
-        structural = np.flatnonzero((folded == ord("{")) | (folded == ord("}")) | (arr == ord(",")))
+    for chunk, arr, quotes, structural in _read_ahead(handle, chunk_size):
+        if in_string and backslashes % 2:  # an odd backslash run from the last chunk escapes a quote
+            quotes = _unescaped_quotes(arr, backslashes)
         structural = _outside_strings(structural, quotes, in_string, arr.size)
         chars = arr[structural]
         delta = _DELTA[chars]

@@ -13,6 +13,7 @@ Partition: the split's images sorted by id, cut every ``images_per_shard`` image
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -305,14 +306,14 @@ def _annotation_id(line: bytes) -> int | None:
 
 
 def _spill_blocks(spill: tuple[Path, Path], lines_per_block: int) -> Iterator[tuple[list[bytes], np.ndarray]]:
-    """The spilled annotation lines with their image ids, ``lines_per_block`` at a time."""
+    """The spilled annotation lines (newline kept) with their image ids, ``lines_per_block`` at a time."""
     lines_path, ids_path = spill
     with open(lines_path, "rb") as lines_handle, open(ids_path, "rb") as ids_handle:
         while True:
             image_ids = np.frombuffer(ids_handle.read(8 * lines_per_block), dtype=np.int64)
             if not image_ids.size:
                 return
-            yield [lines_handle.readline()[:-1] for _ in range(image_ids.size)], image_ids
+            yield list(itertools.islice(lines_handle, image_ids.size)), image_ids
 
 
 def _route(
@@ -357,6 +358,7 @@ def _route(
                 )
             )
         rows = np.flatnonzero(taken)
+        id_list = image_ids.tolist()
         shards = shard_of[where[rows]]
         order = np.argsort(shards, kind="stable")
         rows, shards = rows[order], shards[order]
@@ -364,7 +366,7 @@ def _route(
         for group in np.split(np.arange(len(rows)), bounds):
             if not len(group):
                 continue
-            data = b"".join(b"%d\t%s\n" % (image_ids[r], lines[r]) for r in rows[group].tolist())
+            data = b"".join([b"%d\t%s" % (id_list[r], lines[r]) for r in rows[group].tolist()])
             with open(ann_dir / f"{int(shards[group[0]]):06d}.jsonl", "ab") as handle:
                 handle.write(data)
     return listed
