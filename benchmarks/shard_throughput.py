@@ -5,7 +5,9 @@
 
 coco128 (../shared) is replicated under new image ids (copies: tar stores hard links as links) to
 ``--large`` images in benchmarks/out/. Each configuration shards ``--small`` and ``--large`` images;
-throughput is marginal, (large - small) / (t_large - t_small), with medians over ``--repeats`` runs.
+throughput is marginal, (large - small) / (t_large - t_small), with medians over ``--repeats`` runs;
+``tar -cf`` is timed again beside each configuration, interleaved with it, and each ratio uses the tar of
+the same minutes (this VM's speed drifts by a fifth over minutes).
 Each configuration runs in one Ray instance started beforehand and warmed by a first run, as on a
 cluster: Ray's start-up and the workers' imports are outside every timed run (they were the noise of an
 earlier version that timed each run with its own Ray). Files are read once first, so both tar and the
@@ -24,7 +26,6 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import ray
@@ -114,7 +115,7 @@ def main() -> None:
     large = replicate(args.large, args.work)
     extra_images = args.large - args.small
     extra_mib = (large[2] - small[2]) / 2**20
-    rows = []
+    rows: list[tuple[str, float, float, float, float, float, float]] = []
 
     def record(
         name: str, small_run: tuple[float, ...], large_run: tuple[float, ...]
@@ -126,17 +127,15 @@ def main() -> None:
         rows.append((name, small_run[0], large_run[0], rate, rate * extra_mib / extra_images, cpu_ms, phase))
         return rate, cpu_ms, phase
 
-    def median_runs(run: Callable[[Data], tuple[float, ...]]) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """Medians, field by field, of ``--repeats`` (small, large) run pairs, interleaved."""
-        pairs = [(run(small), run(large)) for _ in range(args.repeats)]
-        return tuple(
-            tuple(statistics.median(p[k][f] for p in pairs) for f in range(len(pairs[0][k]))) for k in (0, 1)
-        )
+    def medians(runs: list[tuple[float, ...]]) -> tuple[float, ...]:
+        """Field-by-field medians of repeated runs."""
+        return tuple(statistics.median(run[f] for run in runs) for f in range(len(runs[0])))
 
-    tar_rate, tar_cpu, _ = record(
-        "tar -cf", *median_runs(lambda data: time_tar(data[0], args.work / "t.tar", False))
-    )
-    record("tar -cf + sync", *median_runs(lambda data: time_tar(data[0], args.work / "t.tar", True)))
+    def tar(data: Data, sync: bool = False) -> tuple[float, ...]:
+        return time_tar(data[0], args.work / "t.tar", sync)
+
+    syncs = [(tar(small, True), tar(large, True)) for _ in range(args.repeats)]
+    record("tar -cf + sync", medians([p[0] for p in syncs]), medians([p[1] for p in syncs]))
     results = {}
     out = args.work / "shards"
     for cpus, check in [(cpus, check) for check in args.checks for cpus in (1, 2)]:
@@ -148,11 +147,14 @@ def main() -> None:
         ray.init(address="local", num_cpus=cpus, include_dashboard=False, runtime_env=env)
         try:
             shard(small)  # warm-up: the workers start and import the stage
-            results[(cpus, check)] = record(
-                f"shard stage, {cpus} Ray worker(s), decode_check={check}", *median_runs(shard)
-            )
+            # tar runs in the same minutes as the stage: this VM's speed drifts by 20% over minutes.
+            runs = [(tar(small), tar(large), shard(small), shard(large)) for _ in range(args.repeats)]
         finally:
             ray.shutdown()
+        window = f"{cpus} worker(s), {check}"
+        tar_result = record(f"tar -cf (beside {window})", *(medians([r[k] for r in runs]) for k in (0, 1)))
+        stage = record(f"shard stage, {window}", *(medians([r[k] for r in runs]) for k in (2, 3)))
+        results[(cpus, check)] = (stage, tar_result)
     load = os.getloadavg()
     print(
         f"\n{args.small} -> {args.large} images ({extra_mib:.0f} MiB more), {args.images_per_shard} "
@@ -173,11 +175,12 @@ def main() -> None:
         "submitted to last done."
     )
     for check in args.checks:
-        two, one = results[(2, check)], results[(1, check)]
+        (two, two_tar), (one, one_tar) = results[(2, check)], results[(1, check)]
         print(
-            f"decode_check={check}: 2 workers / tar = {two[0] / tar_rate:.2f} marginal, "
-            f"{two[2] / tar_rate:.2f} write phase, {2 * tar_cpu / two[1]:.2f} by CPU (2 cores vs tar's 1); "
-            f"1 -> 2 workers: {two[0] / one[0]:.2f}x marginal, {two[2] / one[2]:.2f}x write phase"
+            f"decode_check={check}: 2 workers / tar (same minutes) = {two[0] / two_tar[0]:.2f} marginal, "
+            f"{two[2] / two_tar[0]:.2f} write phase, {2 * two_tar[1] / two[1]:.2f} by CPU (2 cores vs "
+            f"tar's 1); 1 -> 2 workers: {two[0] / one[0]:.2f}x marginal, {two[2] / one[2]:.2f}x write phase "
+            f"({two[0] / two_tar[0] / (one[0] / one_tar[0]):.2f}x against tar in the same minutes)"
         )
 
 
