@@ -53,6 +53,7 @@ def _member_header(name: str, size: int) -> bytes:
 
 
 _WRITEBACK_BYTES = 4 << 20
+_FADVISE = getattr(os, "posix_fadvise", None)  # absent on macOS: there the closing fsync does it all
 
 
 class _TarOut:
@@ -80,9 +81,9 @@ class _TarOut:
         self._write(data)
         if len(data) % tarfile.BLOCKSIZE:
             self._write(tarfile.NUL * (tarfile.BLOCKSIZE - len(data) % tarfile.BLOCKSIZE))
-        if self.size - self._handed_over >= _WRITEBACK_BYTES:
+        if _FADVISE is not None and self.size - self._handed_over >= _WRITEBACK_BYTES:
             self._handle.flush()
-            os.posix_fadvise(self._handle.fileno(), self._handed_over, 0, os.POSIX_FADV_DONTNEED)
+            _FADVISE(self._handle.fileno(), self._handed_over, 0, os.POSIX_FADV_DONTNEED)
             self._handed_over = self.size
 
     def close(self) -> None:
