@@ -39,6 +39,8 @@ import ray
 
 from pipeline.checkpoint import atomic_write_bytes
 from pipeline.config import COMMANDS, CONF_DIR, ConfigError, compose, flatten, to_yaml, validate
+from pipeline.data.config import ShardStageConfig
+from pipeline.data.shard import superseded_split
 from pipeline.orchestrate_config import RunConfig, StageSpec
 from pipeline.stage_task import run_stage
 from pipeline.tracking import NullTracker, Tracker, create_run, end_run, finite, git_commit, ui_command
@@ -263,12 +265,23 @@ def _set_aside_superseded(stage: Stage, upstream: dict[str, str]) -> None:
             return
         if started == {"config_sha256": stage.config_sha256, "upstream": upstream}:
             return
-    stamp = datetime.datetime.fromtimestamp(stage.out.stat().st_mtime, datetime.timezone.utc)
-    target = stage.out.with_name(f"{stage.out.name}.replaced-{stamp:%Y%m%dT%H%M%S}")
+    _move_aside(stage.out, stage.name)
+
+
+def _set_aside_superseded_split(stage: Stage) -> None:
+    """Rename a shard stage's finished split made from other input or settings (which the stage refuses
+    to write over) to ``<split>.replaced-<time>``; an unfinished split the stage resumes or rewrites."""
+    if isinstance(stage.config, ShardStageConfig) and superseded_split(stage.config):
+        _move_aside(stage.config.split_dir, stage.name)
+
+
+def _move_aside(path: Path, stage_name: str) -> None:
+    stamp = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc)
+    target = path.with_name(f"{path.name}.replaced-{stamp:%Y%m%dT%H%M%S}")
     while target.exists():
         target = target.with_name(f"{target.name}-{uuid.uuid4().hex[:4]}")
-    stage.out.rename(target)
-    _say(f"{stage.name}: the output of an earlier run (other config or inputs) moved to {target}")
+    path.rename(target)
+    _say(f"{stage_name}: the output of an earlier run (other config or inputs) moved to {target}")
 
 
 def _iso(timestamp: float) -> str:
@@ -487,6 +500,7 @@ class Runner:
         self._ray()
         upstream = _upstream(stage, self.by_name)
         _set_aside_superseded(stage, upstream)
+        _set_aside_superseded_split(stage)
         stage.record_path.unlink(missing_ok=True)  # a failure must leave no record
         stage.record_path.parent.mkdir(parents=True, exist_ok=True)
         started = {"config_sha256": stage.config_sha256, "upstream": upstream}

@@ -197,10 +197,22 @@ def test_a_changed_stage_reruns_with_the_stages_reading_it_keeping_the_replaced_
     assert (replaced / "model.safetensors").is_file()
     assert len(list(out.glob("eval.replaced-*"))) == 2 and (out / "eval" / "metrics.json").is_file()
     assert not list(out.glob("pretrain.replaced-*"))
-    # An interrupted run (no record) of that config is not resumed by a run of another config.
+    # An interrupted run (no record) of that config is not resumed by a run of another config. The same
+    # run gives a shard stage other settings: its finished split, which the stage itself refuses to write
+    # over, is moved aside as well.
     (out / "finetune" / "COMPLETED.json").unlink()
-    result, summary = _run(out)
+    split = out / "shards" / "demo_finetune" / "val"
+    old_manifest = (split / "manifest.json").read_bytes()
+    result, summary = _run(out, 'stages.shard_finetune_val.extra=["shard.decode_check=draft"]')
     assert result.returncode == 0, result.stderr[-3000:]
-    assert summary["stages"]["finetune"]["status"] == "complete"
+    assert _statuses(summary) == {
+        **dict.fromkeys([*STAGES[:4], "pretrain"], "skipped"),
+        "shard_finetune_val": "complete",
+        "finetune": "complete",
+        "eval": "complete",
+    }
     assert summary["stages"]["finetune"]["metrics"]["steps"] == 2
     assert len(list(out.glob("finetune.replaced-*"))) == 2
+    (replaced_split,) = split.parent.glob("val.replaced-*")
+    assert (replaced_split / "manifest.json").read_bytes() == old_manifest
+    assert json.loads((split / "manifest.json").read_text())["config"]["decode_check"] == "draft"

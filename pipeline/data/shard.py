@@ -190,16 +190,35 @@ def _run_tasks(
             ray.shutdown()
 
 
-def _existing_manifest(
-    manifest_path: Path, fingerprint_settings: dict[str, Any], shas: list[str]
-) -> Manifest | None:
+def _finished_manifest(manifest_path: Path) -> Manifest | None:
     if not manifest_path.exists():
         return None
     try:
-        manifest = load_manifest(manifest_path)
+        return load_manifest(manifest_path)
     except ManifestError:
         return None  # a corrupt manifest is rewritten from the plan and the shards
-    if manifest.config != fingerprint_settings or [a.sha256 for a in manifest.annotation_files] != shas:
+
+
+def _made_otherwise(manifest: Manifest, fingerprint_settings: dict[str, Any], shas: list[str]) -> bool:
+    return manifest.config != fingerprint_settings or [a.sha256 for a in manifest.annotation_files] != shas
+
+
+def superseded_split(cfg: ShardStageConfig) -> bool:
+    """Whether ``cfg``'s split directory holds a finished split made from other input or settings, which
+    ``run_shard`` refuses to write over (``python -m pipeline run`` moves it aside first). False while an
+    annotation file is missing: the stage itself then names it."""
+    manifest = _finished_manifest(cfg.split_dir / MANIFEST_NAME)
+    sources = resolve_sources(cfg.dataset)
+    if manifest is None or not all(source.annotations.is_file() for source in sources):
+        return False
+    return _made_otherwise(manifest, partition_settings(cfg), [sha256_file(s.annotations) for s in sources])
+
+
+def _existing_manifest(
+    manifest_path: Path, fingerprint_settings: dict[str, Any], shas: list[str]
+) -> Manifest | None:
+    manifest = _finished_manifest(manifest_path)
+    if manifest is not None and _made_otherwise(manifest, fingerprint_settings, shas):
         raise ShardStageError(
             f"{manifest_path} already describes a finished split made from other input or settings "
             f"({manifest.config}); write to another out= or remove {manifest_path.parent}"
