@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -17,7 +18,7 @@ from pipeline.data.coco_source import AnnotationFileError
 from pipeline.data.config import DatasetConfig, ShardConfig, ShardStageConfig
 from pipeline.data.manifest import ManifestError, load_manifest
 from pipeline.data.rejects import RejectFractionExceeded
-from pipeline.data.shard import run_shard, verify_shards
+from pipeline.data.shard import run_shard, superseded_split, verify_shards
 from pipeline.data.stream import iter_shard
 
 
@@ -113,6 +114,22 @@ def test_rerun_over_finished_output_does_nothing(
 def test_other_settings_over_finished_output_fail(coco_sample_shards: Path, coco_sample: Path) -> None:
     with pytest.raises(Exception, match="other input or settings"):
         run_shard(_coco_cfg(coco_sample_shards.parents[2], coco_sample, images_per_shard=3))
+
+
+def test_superseded_split_is_a_finished_split_of_other_input_or_settings(
+    coco_sample_shards: Path, coco_sample: Path, tmp_path: Path
+) -> None:
+    out = coco_sample_shards.parents[2]
+    assert not superseded_split(_coco_cfg(out, coco_sample, images_per_shard=2))
+    assert superseded_split(_coco_cfg(out, coco_sample, images_per_shard=3))
+    assert superseded_split(_coco_cfg(out, coco_sample, images_per_shard=2, decode_check="draft"))
+    edited = tmp_path / "instances.json"  # the same settings over other annotations
+    edited.write_text((coco_sample / "instances.json").read_text() + "\n")
+    cfg = _coco_cfg(out, coco_sample, images_per_shard=2)
+    assert superseded_split(
+        dataclasses.replace(cfg, dataset=dataclasses.replace(cfg.dataset, annotations=edited))
+    )
+    assert not superseded_split(_coco_cfg(tmp_path / "empty", coco_sample, images_per_shard=2))
 
 
 def test_verify_finds_a_corrupt_shard(coco_sample_shards: Path, tmp_path: Path) -> None:

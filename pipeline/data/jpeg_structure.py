@@ -122,7 +122,8 @@ def _frame(marker: int, body: bytes) -> _Frame | None:
 def _scan_ok(
     frame: _Frame, body: bytes, quant: set[int], dc: set[int], ac: set[int]
 ) -> tuple[int, ...] | None:
-    """Check an SOS header against the frame and the tables so far; returns the scanned component ids."""
+    """Check an SOS header against the frame and the tables so far; returns the scanned component ids
+    and records in ``frame.coded`` the components this scan codes (a first DC scan when progressive)."""
     count = body[0] if body else 0
     if not 1 <= count <= 4 or len(body) != 4 + 2 * count:
         return None

@@ -211,7 +211,11 @@ def superseded_split(cfg: ShardStageConfig) -> bool:
     sources = resolve_sources(cfg.dataset)
     if manifest is None or not all(source.annotations.is_file() for source in sources):
         return False
-    return _made_otherwise(manifest, partition_settings(cfg), [sha256_file(s.annotations) for s in sources])
+    settings = partition_settings(cfg)
+    # Other settings are seen without hashing the annotation files (GBs for Objects365).
+    return manifest.config != settings or _made_otherwise(
+        manifest, settings, [sha256_file(s.annotations) for s in sources]
+    )
 
 
 def _existing_manifest(
