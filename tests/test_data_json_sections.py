@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import random
 
 import pytest
 
-from pipeline.data.json_sections import Elements, JSONStructureError, Piece, scan
+from pipeline.data.json_sections import Elements, JSONStructureError, Piece, parse_values, scan
 
 DOCUMENT = {
     "info": {"description": 'brackets in strings: {[}] "quoted" \\ back\\\\slash \\"', "year": 2017},
@@ -78,10 +80,81 @@ def test_empty_element_array() -> None:
         ('{"annotations": [{"id": 1}, 2]}', "not objects"),
         ('{"annotations": [3]}', "not objects"),
         ('{"annotations": [[1]]}', "not an object"),
+        ('{"annotations": [1,2]}', "not objects"),
+        ('{"annotations": [-1.5,-2e3]}', "not objects"),
+        ('{"annotations": [{"id": 1},1,2]}', "not objects"),
+        ('{"annotations": [1,2,{"id": 1}]}', "not objects"),
+        ('{"annotations": [{"id": 1}, 1, 2, {"id": 2}]}', "not objects"),
+        ('{"annotations": [{"id": 1},"a","b"]}', "not objects"),
+        ('{"annotations": [{"id": 1} 2]}', "not objects"),
+        ('{"annotations": [2 {"id": 1}]}', "not objects"),
+        ('{"annotations": [{"id": 1}], "x": "\x1e"}', "control character"),
         ("", "no top-level object"),
     ],
 )
 def test_malformed_structure(text: str, message: str) -> None:
-    with pytest.raises(JSONStructureError, match=message):
-        for chunk_size in (3, 1 << 16):
+    for chunk_size in (3, 1 << 16):
+        with pytest.raises(JSONStructureError, match=message):
             _collect(text, chunk_size)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 1 << 16])
+def test_garbage_between_elements_is_refused_by_scan_or_left_to_the_element_parser(chunk_size: int) -> None:
+    """Inside a chunk, what stands between two elements stays in one element's raw bytes, where its parser
+    refuses it; where a chunk edge cuts it off the elements, the scan refuses it."""
+    text = '{"annotations": [{"id": 1}, {"id": 2} null, {"id": 3}]}'
+    try:
+        _, elements, _ = _collect(text, chunk_size)
+    except JSONStructureError as error:
+        assert "not objects" in str(error)
+    else:
+        with pytest.raises(ValueError):
+            [json.loads(raw) for raw in elements["annotations"]]
+
+
+def _random_element(rng: random.Random, depth: int = 0) -> object:
+    kind = rng.choice(["object", "object", "number", "string", "array"] if depth else ["object"])
+    if kind == "number":
+        return rng.choice([rng.randint(-99, 99), round(rng.uniform(-50, 50), 2)])
+    if kind == "string":
+        return rng.choice(["a,b", "1,2", "}{,", "x"])
+    if kind == "array":
+        return [_random_element(rng, depth + 1) for _ in range(rng.randint(0, 3))]
+    return {
+        "id": rng.randint(0, 9),
+        "poly": [[round(rng.uniform(-9, 9), 1) for _ in range(rng.randint(0, 6))]],
+        "tag": rng.choice(["p,q", "", "{"]),
+        "nested": {"k": [rng.randint(-3, 3), {"v": 1}]} if rng.random() < 0.3 else 1,
+    }
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_element_arrays_agree_with_json_loads(seed: int) -> None:
+    """Arrays of objects, and arrays mixing objects with numbers, strings or arrays (in every layout of
+    commas and spaces): the objects come out exactly as ``json.loads`` reads them, anything else fails."""
+    rng = random.Random(seed)
+    for _ in range(60):
+        mixed = rng.random() < 0.5
+        annotations = [_random_element(rng, depth=int(mixed)) for _ in range(rng.randint(1, 6))]
+        separators = rng.choice([(",", ":"), (", ", ": "), (",", ": ")])
+        text = json.dumps({"images": [], "annotations": annotations}, separators=separators)
+        if rng.random() < 0.3:
+            text = json.dumps({"images": [], "annotations": annotations}, indent=rng.choice([0, 1]))
+        chunk_size = rng.choice([1, 2, 3, 5, 8, 64])
+        if all(isinstance(a, dict) for a in annotations):
+            _, elements, _ = _collect(text, chunk_size)
+            assert [json.loads(raw) for raw in elements["annotations"]] == annotations
+        else:
+            with pytest.raises(JSONStructureError, match=r"not (objects|an object)"):
+                _collect(text, chunk_size)
+
+
+def test_parse_values_reads_what_json_loads_reads() -> None:
+    assert parse_values(b'{"a": [1, 2.5]}, "x", null') == [{"a": [1, 2.5]}, "x", None]
+    big, nan = parse_values(b"123456789012345678901234, NaN")  # orjson refuses NaN; json reads both
+    assert big == 123456789012345678901234 and math.isnan(nan)
+    assert parse_values(b'"\\ud800", Infinity') == ["\ud800", math.inf]
+    assert parse_values(b"") == []
+    for bad in (b"{", b"1 2", b"{'a': 1}", b"[" * 100_000):
+        with pytest.raises(ValueError):
+            parse_values(bad)

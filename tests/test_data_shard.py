@@ -331,6 +331,25 @@ def test_reject_fraction_fails_with_summary(ray_session, tmp_path: Path) -> None
             '{"images": [{"id": "one", "file_name": "a.jpg"}], "annotations": [], "categories": []}',
             r"images\[0\] is not a COCO image record",
         ),
+        (
+            '{"images": [{"id": 1, "file_name": "a.jpg", "width": 0, "height": 4}], "categories": []}',
+            r"images\[0\] is not a COCO image record",
+        ),
+        (
+            '{"images": [{"id": 1, "file_name": "a.jpg", "width": 4, "height": 4}, '
+            '{"id": 123456789012345678901, "file_name": "b.jpg", "width": 4, "height": 4}]}',
+            r"images\[1\] is not a COCO image record \(needs an integer 'id'",
+        ),
+        (
+            '{"images": [{"id": 1, "file_name": "a.jpg", "width": 4, "height": 4} 2]}',
+            "not valid JSON \\('images' holds values that are not objects",
+        ),
+        (
+            '{"images": [{"id": 1, "file_name": "a.jpg", "width": 4, "height": 4} 2, '
+            '{"id": 2, "file_name": "b.jpg", "width": 4, "height": 4}]}',
+            "'images' is not valid JSON",
+        ),
+        ('{"images": [7], "annotations": []}', "'images' holds values that are not objects"),
         ('{"info": {}, "annotations": []}', "no images"),
         (
             '{"images": [{"id": 1, "file_name": "a.jpg", "width": 4, "height": 4}], "annotations": []}',

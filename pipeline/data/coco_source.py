@@ -1,8 +1,8 @@
 """COCO-format annotation files, read in one pass so memory does not grow with the number of boxes.
 
 ``scan_coco`` walks a file once with :mod:`pipeline.data.json_sections`: the ``images`` section is parsed
-by ijson's C parser into numpy columns and one bytes blob of file names (no Python object per image is
-kept), ``categories`` with ``json``, and each annotation is copied unparsed, one per line, to a spill
+a chunk of elements at a time into numpy columns and one bytes blob of file names (no Python object per
+image is kept), ``categories`` with ``json``, and each annotation is copied unparsed, one per line, to a spill
 file with its ``image_id`` beside it in a binary int64 file. Dataset layouts (COCO 2017 folders, any
 COCO-format pair, Objects365 through :mod:`pipeline.data.objects365`) resolve to :class:`SourceFile` lists.
 """
@@ -14,13 +14,11 @@ import json
 import os
 import re
 import time
-from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import ijson
 import numpy as np
 
 from pipeline.data import json_sections
@@ -172,40 +170,77 @@ class _ImageCollector:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.ids, self.widths, self.heights = array("q"), array("i"), array("i")
-        self.offsets = array("q", [0])
-        self.names = bytearray()
+        self.count = 0
+        self._columns: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        self._names = bytearray()
 
-    def add(self, record: Any) -> None:
+    def _fail(self, index: int, record: Any, need: str) -> None:
+        raise AnnotationFileError(
+            f"{self.path}: images[{index}] is not a COCO image record ({need}): {str(record)[:200]}"
+        )
+
+    def _check(self, index: int, record: Any) -> None:
+        """Raise naming the first reason ``record`` (``images[index]``) is not a COCO image record."""
         if not (
             isinstance(record, dict)
             and _is_int(record.get("id"))
             and isinstance(record.get("file_name"), str)
             and _is_int(record.get("width"))
             and _is_int(record.get("height"))
-            and record["width"] > 0
-            and record["height"] > 0
         ):
-            raise AnnotationFileError(
-                f"{self.path}: images[{len(self.ids)}] is not a COCO image record (needs an integer 'id', "
-                f"a string 'file_name' and positive integer 'width' and 'height'): {str(record)[:200]}"
+            self._fail(
+                index,
+                record,
+                "needs an integer 'id', a string 'file_name' and positive integer 'width' and 'height'",
             )
-        self.ids.append(record["id"])
-        self.widths.append(record["width"])
-        self.heights.append(record["height"])
-        self.names += record["file_name"].encode("utf-8")
-        self.offsets.append(len(self.names))
+        if not -(2**63) <= record["id"] < 2**63:
+            self._fail(index, record, "its 'id' does not fit in 64 bits")
+        if not (0 < record["width"] < 2**31 and 0 < record["height"] < 2**31):
+            self._fail(index, record, "'width' and 'height' must be positive 32-bit integers")
+        try:
+            record["file_name"].encode("utf-8")
+        except UnicodeEncodeError:
+            self._fail(index, record, "its 'file_name' is not valid Unicode")
+
+    def extend(self, records: list[Any]) -> None:
+        """Add parsed ``images`` elements, in file order, as columns (no Python object per image kept).
+
+        Raises:
+            AnnotationFileError: the first record that is not COCO-style, named by its index.
+        """
+        try:
+            ids, names = [r["id"] for r in records], [r["file_name"] for r in records]
+            widths, heights = [r["width"] for r in records], [r["height"] for r in records]
+            valid = all(type(v) is int for v in (*ids, *widths, *heights)) and all(
+                type(n) is str for n in names
+            )
+            columns = (
+                np.array(ids, dtype=np.int64),
+                np.array(widths, dtype=np.int32),
+                np.array(heights, dtype=np.int32),
+            )
+            valid = valid and bool((columns[1] > 0).all() and (columns[2] > 0).all())
+            encoded = [n.encode("utf-8") for n in names]
+        except (KeyError, TypeError, OverflowError, UnicodeEncodeError):
+            valid = False
+        if not valid:
+            for i, record in enumerate(records):
+                self._check(self.count + i, record)
+            raise AnnotationFileError(f"{self.path}: 'images' holds records that are not COCO image records")
+        lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+        self._columns.append((*columns, len(self._names) + np.cumsum(lengths)))
+        self._names += b"".join(encoded)
+        self.count += len(records)
 
     def columns(self) -> ImageColumns:
-        def numpy(values: array, dtype: type) -> np.ndarray:
-            return np.frombuffer(values, dtype=dtype).copy()
-
+        """All images added so far."""
+        parts = list(zip(*self._columns)) or [[np.zeros(0, np.int64)]] * 4
         return ImageColumns(
-            numpy(self.ids, np.int64),
-            numpy(self.widths, np.int32),
-            numpy(self.heights, np.int32),
-            numpy(self.offsets, np.int64),
-            bytes(self.names),
+            np.concatenate(parts[0]).astype(np.int64),
+            np.concatenate(parts[1]).astype(np.int32),
+            np.concatenate(parts[2]).astype(np.int32),
+            np.concatenate([np.zeros(1, np.int64), *parts[3]]),
+            bytes(self._names),
         )
 
 
@@ -227,6 +262,16 @@ def _categories(path: Path, data: bytes) -> list[Category]:
     return categories
 
 
+def _annotation_image_ids(found: list[bytes | None]) -> np.ndarray:
+    """The ``image_id`` digits found per annotation as int64; ``MISSING_ID`` where none was found or the
+    value does not fit in 64 bits (no image can have it: image ids must fit)."""
+    try:
+        return np.fromiter((MISSING_ID if v is None else int(v) for v in found), np.int64, len(found))
+    except OverflowError:
+        values = (MISSING_ID if v is None else int(v) for v in found)
+        return np.fromiter((v if -(2**63) <= v < 2**63 else MISSING_ID for v in values), np.int64, len(found))
+
+
 def scan_coco(path: Path, spill: BinaryIO, image_ids: BinaryIO) -> ScannedFile:
     """One pass over a COCO-format file: images and categories parsed, annotations spilled unparsed.
 
@@ -238,8 +283,6 @@ def scan_coco(path: Path, spill: BinaryIO, image_ids: BinaryIO) -> ScannedFile:
         AnnotationFileError: not COCO-style JSON (the message names the file and the problem).
     """
     images = _ImageCollector(path)
-    events: list[Any] = ijson.sendable_list()
-    image_parser = ijson.items_coro(events, "item", use_float=True)
     category_bytes = bytearray()
     digest = hashlib.sha256()
     found: set[str] = set()
@@ -249,9 +292,15 @@ def scan_coco(path: Path, spill: BinaryIO, image_ids: BinaryIO) -> ScannedFile:
         with open(path, "rb") as handle:
             hashing = _HashingReader(handle, digest)
             for event in json_sections.scan(
-                hashing, frozenset({"images", "categories"}), frozenset({"annotations"})
+                hashing, frozenset({"categories"}), frozenset({"images", "annotations"})
             ):
-                if isinstance(event, json_sections.Elements):
+                if isinstance(event, json_sections.Elements) and event.key == "images":
+                    try:
+                        records = event.values()
+                    except ValueError as error:
+                        raise AnnotationFileError(f"{path}: 'images' is not valid JSON ({error})") from None
+                    images.extend(records)
+                elif isinstance(event, json_sections.Elements):
                     found.add("annotations")
                     data = event.data
                     if b"\n" in data or b"\r" in data:  # whitespace between tokens (raw newlines are not
@@ -261,41 +310,23 @@ def scan_coco(path: Path, spill: BinaryIO, image_ids: BinaryIO) -> ScannedFile:
                         found_ids = [
                             next(iter(_IMAGE_ID.findall(raw)), None) for raw in data.split(SEPARATOR)
                         ]
-                    ids = np.fromiter(
-                        (MISSING_ID if v is None else int(v) for v in found_ids),
-                        dtype=np.int64,
-                        count=event.count,
-                    )
+                    ids = _annotation_image_ids(found_ids)
                     spill.write(data.replace(SEPARATOR, b"\n") + b"\n")
                     image_ids.write(ids.tobytes())
                     annotations += event.count
                 elif isinstance(event, json_sections.Piece):
                     found.add(event.key)
-                    if event.key == "images":
-                        image_parser.send(event.data)
-                        for record in events:
-                            images.add(record)
-                        events.clear()
-                    else:
-                        category_bytes += event.data
-                        if len(category_bytes) > _MAX_CATEGORIES_BYTES:
-                            raise AnnotationFileError(f"{path}: 'categories' is larger than 64 MiB")
+                    category_bytes += event.data
+                    if len(category_bytes) > _MAX_CATEGORIES_BYTES:
+                        raise AnnotationFileError(f"{path}: 'categories' is larger than 64 MiB")
                 else:
                     key, position = event
                     if key == "":
                         report(position, False)
                     else:
                         found.add(key)
-                        if key == "images":
-                            image_parser.close()
-                            for record in events:
-                                images.add(record)
-                            events.clear()
     except json_sections.JSONStructureError as error:
         raise AnnotationFileError(f"{path}: not valid JSON ({error})") from None
-    except ijson.JSONError as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise AnnotationFileError(f"{path}: 'images' is not valid JSON ({message})") from None
     columns = images.columns()
     if not len(columns):
         raise AnnotationFileError(f"{path}: no images: COCO-style JSON needs a non-empty 'images' list")

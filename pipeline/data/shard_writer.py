@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-import orjson
 
 from pipeline.data import rejects as R
 from pipeline.data.annotation_checks import check_annotations
 from pipeline.data.image_check import ImageDecodeError, probe_image
+from pipeline.data.json_sections import parse_values
 from pipeline.data.manifest import KEY_DIGITS, Reject, ShardEntry
 
 
@@ -144,8 +144,8 @@ def _read_annotations(path: str) -> tuple[dict[int, list[tuple[dict[str, Any], b
 
     The file's lines are ``<image_id>\\t<annotation JSON as in the source>``, each one balanced JSON value
     (the driver cut them at the source array's top-level commas), so one parse of them all as an array
-    gives each line's value (orjson: 4x the standard parser on COCO's polygons); a line that does not
-    parse makes it go line by line with ``json.loads``, which decides what the source's values are.
+    gives each line's value; a line that does not parse makes it go line by line with ``json.loads``,
+    which decides what the source's values are.
     """
     by_image: dict[int, list[tuple[dict[str, Any], bytes]]] = defaultdict(list)
     rejects: list[Reject] = []
@@ -155,8 +155,8 @@ def _read_annotations(path: str) -> tuple[dict[int, list[tuple[dict[str, Any], b
         lines = [line.partition(b"\t") for line in handle.read().splitlines()]
     raws = [raw.strip() for _, _, raw in lines]
     try:
-        parsed = orjson.loads(b"[" + b",".join(raws) + b"]")
-    except orjson.JSONDecodeError:  # also strict JSON's refusals (NaN, huge ints): json.loads decides
+        parsed = parse_values(b",".join(raws))
+    except ValueError:
         parsed = None
     if parsed is None or len(parsed) != len(lines):
         parsed = []
