@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import shutil
 import tarfile
@@ -14,9 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data.coco_source import AnnotationFileError
+from pipeline.data.coco_source import AnnotationFileError, ImageColumns, is_safe_file_name, safe_file_names
 from pipeline.data.config import DatasetConfig, ShardConfig, ShardStageConfig
 from pipeline.data.manifest import ManifestError, load_manifest
+from pipeline.data.partition import _gather_names
 from pipeline.data.rejects import RejectFractionExceeded
 from pipeline.data.shard import run_shard, superseded_split, verify_shards
 from pipeline.data.stream import iter_shard
@@ -449,3 +451,37 @@ def test_cli_configs_compose_and_validate(tmp_path: Path) -> None:
                 [f"dataset.images={tmp_path}", f"dataset.annotations={tmp_path}", "shard.images_per_shard=0"],
             )
         )
+
+
+def _columns(names: list[str]) -> ImageColumns:
+    encoded = [name.encode() for name in names]
+    offsets = np.concatenate(([0], np.cumsum([len(e) for e in encoded]))).astype(np.int64)
+    zeros = np.zeros(len(names), dtype=np.int64)
+    return ImageColumns(zeros, zeros.astype(np.int32), zeros.astype(np.int32), offsets, b"".join(encoded))
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        ["a.jpg", "images/v1/patch0/x.jpg", "/etc/passwd", "~root/x", "", ".", "./a.jpg", "b/./c.jpg"],
+        ["a.jpg", "../a.jpg", "a/../../b.jpg", "a/../b.jpg", "..", "x..y.jpg", "", "/abs.jpg"],
+        ["a.jpg", "nul\x00.jpg", "~x"],
+        ["", ""],
+    ],
+)
+def test_safe_file_names_agree_with_the_one_name_check(names: list[str]) -> None:
+    columns = _columns(names)
+    positions = np.arange(len(names))[::-1].copy()
+    expected = [is_safe_file_name(names[i]) for i in positions]
+    assert safe_file_names(columns, positions).tolist() == expected
+
+
+def test_gather_names_of_two_sources_in_merged_order() -> None:
+    rng = np.random.default_rng(0)
+    sources = [[f"s{s}/{'x' * int(rng.integers(0, 5))}{i}.jpg" for i in range(30)] for s in range(2)]
+    src = rng.integers(0, 2, 50).astype(np.int16)
+    pos = rng.integers(0, 30, 50)
+    expected = [sources[s][p] for s, p in zip(src.tolist(), pos.tolist())]
+    for block in (1, 3, 64):
+        names, offsets = _gather_names([_columns(n) for n in sources], src, pos, block)
+        assert [names[a:b].decode() for a, b in itertools.pairwise(offsets.tolist())] == expected

@@ -354,6 +354,23 @@ class _HashingReader:
         return data
 
 
+def safe_file_names(columns: ImageColumns, positions: np.ndarray) -> np.ndarray:
+    """``is_safe_file_name`` of the images at ``positions (k,)``, as a bool array ``(k,)``.
+
+    Where no name holds ``..`` or NUL (as in COCO and Objects365), a name is safe exactly when it is not
+    empty and starts with neither ``/`` nor ``~``, which numpy decides for all at once; otherwise each
+    name is checked on its own.
+    """
+    blob = columns.names
+    if not blob or b".." in blob or b"\x00" in blob:
+        return np.fromiter(
+            (is_safe_file_name(columns.file_name(i)) for i in positions.tolist()), bool, len(positions)
+        )
+    starts, ends = columns.name_offsets[positions], columns.name_offsets[positions + 1]
+    first = np.frombuffer(blob, dtype=np.uint8)[np.minimum(starts, len(blob) - 1)]
+    return (ends > starts) & (first != ord("/")) & (first != ord("~"))
+
+
 def is_safe_file_name(name: str) -> bool:
     """Whether ``name`` stays inside the image root (relative, no ``..`` escaping it, no NUL)."""
     if not name or "\x00" in name or os.path.isabs(name) or name.startswith("~"):

@@ -31,7 +31,7 @@ from pipeline.data.coco_source import (
     AnnotationFileError,
     ImageColumns,
     SourceFile,
-    is_safe_file_name,
+    safe_file_names,
     scan_coco,
 )
 from pipeline.data.config import ShardStageConfig
@@ -57,7 +57,7 @@ class Plan:
     heights: np.ndarray
     sources: np.ndarray
     name_offsets: np.ndarray
-    names: bytes
+    names: bytes | bytearray
     shard_starts: np.ndarray
     image_roots: list[str]
     categories: list[Category]
@@ -128,9 +128,7 @@ def _select(columns: ImageColumns, source: SourceFile) -> tuple[np.ndarray, list
     unique = order[first]
     keep_hi = len(unique) if source.keep_lowest is None else source.keep_lowest
     chosen = unique[source.skip_lowest : keep_hi]
-    safe = np.fromiter(
-        (is_safe_file_name(columns.file_name(i)) for i in chosen), dtype=bool, count=len(chosen)
-    )
+    safe = safe_file_names(columns, chosen)
     rejected += [
         Reject(
             int(columns.ids[i]),
@@ -179,6 +177,33 @@ def _cut(sizes: np.ndarray | None, count: int, images_per_shard: int | None, tar
             total = 0
         total += size
     return np.array([*starts, count], dtype=np.int64)
+
+
+def _gather_names(
+    columns_list: list[ImageColumns], src: np.ndarray, pos: np.ndarray, block: int = 1 << 14
+) -> tuple[bytearray, np.ndarray]:
+    """The file names of the images ``pos (n,)`` of the sources ``src (n,)``, concatenated in that order,
+    and the ``(n + 1,)`` offsets that cut them; numpy gathers ``block`` names at a time straight into
+    the result, so memory stays near the result's size."""
+    lengths = np.empty(len(pos), dtype=np.int64)
+    for s, columns in enumerate(columns_list):
+        mask = src == s
+        lengths[mask] = np.diff(columns.name_offsets)[pos[mask]]
+    offsets = np.concatenate(([0], np.cumsum(lengths)))
+    names = bytearray(int(offsets[-1]))
+    out = np.frombuffer(names, dtype=np.uint8)
+    for s, columns in enumerate(columns_list):
+        data = np.frombuffer(columns.names, dtype=np.uint8)
+        rows = np.flatnonzero(src == s)
+        for lo in range(0, len(rows), block):
+            run_rows = rows[lo : lo + block]
+            run_lengths = lengths[run_rows]
+            within = np.arange(int(run_lengths.sum())) - np.repeat(
+                np.cumsum(run_lengths) - run_lengths, run_lengths
+            )
+            source_at = np.repeat(columns.name_offsets[pos[run_rows]], run_lengths) + within
+            out[np.repeat(offsets[run_rows], run_lengths) + within] = data[source_at]
+    return names, offsets
 
 
 def build_plan(cfg: ShardStageConfig, sources: list[SourceFile], fingerprint: str) -> Plan:
@@ -237,18 +262,12 @@ def build_plan(cfg: ShardStageConfig, sources: list[SourceFile], fingerprint: st
     ids, src, pos = all_ids[order], all_sources[order], all_pos[order]
     widths = np.empty(len(ids), dtype=np.int32)
     heights = np.empty(len(ids), dtype=np.int32)
-    blob = bytearray()
-    name_offsets = np.zeros(len(ids) + 1, dtype=np.int64)
     for s, columns in enumerate(columns_list):
         mask = src == s
         widths[mask] = columns.widths[pos[mask]]
         heights[mask] = columns.heights[pos[mask]]
-    for i, (s, p) in enumerate(zip(src.tolist(), pos.tolist())):
-        columns = columns_list[s]
-        blob += columns.names[columns.name_offsets[p] : columns.name_offsets[p + 1]]
-        name_offsets[i + 1] = len(blob)
-    names = bytes(blob)
-    del columns_list, blob
+    names, name_offsets = _gather_names(columns_list, src, pos)
+    del columns_list
 
     image_roots = [str(source.image_root) for source in sources]
     sizes = None
