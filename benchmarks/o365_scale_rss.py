@@ -59,7 +59,7 @@ def write_annotations(path: Path, images: int, boxes: int, seed: int = 0) -> Non
 def _index(root: str, images_per_shard: int) -> None:
     from pipeline.data.coco_source import resolve_sources
     from pipeline.data.config import DatasetConfig, ShardConfig, ShardStageConfig
-    from pipeline.data.partition import build_plan, plan_fingerprint
+    from pipeline.data.partition import build_plan
 
     cfg = ShardStageConfig(
         out=Path(root) / "out",
@@ -78,7 +78,7 @@ def _index(root: str, images_per_shard: int) -> None:
             time.sleep(0.5)
 
     threading.Thread(target=sample_rss, daemon=True).start()
-    plan = build_plan(cfg, sources, plan_fingerprint(cfg, ["benchmark"]))
+    plan = build_plan(cfg, sources)
     at, peak = max(samples, key=lambda sample: sample[1])
     print(
         f"sampled peak RSS {peak / 2**20:,.0f} MiB at {at:.0f} s of {time.perf_counter() - start:.0f} s",

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.data import shard as shard_stage
 from pipeline.data.coco_source import AnnotationFileError, ImageColumns, is_safe_file_name, safe_file_names
 from pipeline.data.config import DatasetConfig, ShardConfig, ShardStageConfig
 from pipeline.data.manifest import ManifestError, load_manifest
@@ -111,6 +112,22 @@ def test_rerun_over_finished_output_does_nothing(
     assert "nothing to do" in capsys.readouterr().out
     assert coco_sample_shards.read_bytes() == before
     assert {p: p.stat().st_mtime_ns for p in coco_sample_shards.parent.iterdir()} == mtimes
+
+
+def test_new_split_reads_its_annotations_once_and_a_rerun_compares_their_hashes(
+    ray_session, coco_sample: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hashed: list[Path] = []
+    real_sha256_file = shard_stage.sha256_file
+    monkeypatch.setattr(
+        shard_stage, "sha256_file", lambda path: hashed.append(path) or real_sha256_file(path)
+    )
+    cfg = _coco_cfg(tmp_path / "out", coco_sample, images_per_shard=5)
+    first = run_shard(cfg)
+    assert not first.already_complete and hashed == []  # the indexing pass hashed it
+    recorded = load_manifest(first.manifest_path).annotation_files
+    assert [a.sha256 for a in recorded] == [real_sha256_file(coco_sample / "instances.json")]
+    assert run_shard(cfg).already_complete and hashed == [coco_sample / "instances.json"]
 
 
 def test_other_settings_over_finished_output_fail(coco_sample_shards: Path, coco_sample: Path) -> None:

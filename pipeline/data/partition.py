@@ -206,14 +206,19 @@ def _gather_names(
     return names, offsets
 
 
-def build_plan(cfg: ShardStageConfig, sources: list[SourceFile], fingerprint: str) -> Plan:
-    """Index the sources, partition the images and spill the annotations into a new staging folder.
+def has_staged_plan(split_dir: Path) -> bool:
+    """Whether ``split_dir`` holds a plan (of any fingerprint) that an earlier run left."""
+    return any((directory / "plan.json").is_file() for directory in split_dir.glob(f"{STAGING_PREFIX}*"))
+
+
+def build_plan(cfg: ShardStageConfig, sources: list[SourceFile]) -> Plan:
+    """Index the sources, partition the images and spill the annotations into a new staging folder named
+    after the plan's fingerprint (``plan_fingerprint`` of the annotation files' sha256, taken in the pass).
 
     Raises:
         AnnotationFileError: a source that is not COCO-style JSON, or sources whose category tables differ.
     """
     split_dir = cfg.split_dir
-    final = staging_dir(split_dir, fingerprint)
     work = split_dir / f"{STAGING_PREFIX}tmp-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     (work / "ann").mkdir(parents=True)
@@ -293,6 +298,8 @@ def build_plan(cfg: ShardStageConfig, sources: list[SourceFile], fingerprint: st
         for path in spills[index]:
             path.unlink()
 
+    fingerprint = plan_fingerprint(cfg, [a.sha256 for a in annotation_files])
+    final = staging_dir(split_dir, fingerprint)
     plan = Plan(
         final,
         fingerprint,

@@ -41,6 +41,7 @@ from pipeline.data.partition import (
     STAGING_PREFIX,
     Plan,
     build_plan,
+    has_staged_plan,
     load_plan,
     partition_settings,
     plan_fingerprint,
@@ -218,16 +219,14 @@ def superseded_split(cfg: ShardStageConfig) -> bool:
     )
 
 
-def _existing_manifest(
-    manifest_path: Path, fingerprint_settings: dict[str, Any], shas: list[str]
-) -> Manifest | None:
-    manifest = _finished_manifest(manifest_path)
-    if manifest is not None and _made_otherwise(manifest, fingerprint_settings, shas):
+def _check_not_made_otherwise(
+    manifest_path: Path, manifest: Manifest, fingerprint_settings: dict[str, Any], shas: list[str]
+) -> None:
+    if _made_otherwise(manifest, fingerprint_settings, shas):
         raise ShardStageError(
             f"{manifest_path} already describes a finished split made from other input or settings "
             f"({manifest.config}); write to another out= or remove {manifest_path.parent}"
         )
-    return manifest
 
 
 def _summary_of(plan: Plan, results: list[ShardResult]) -> RejectSummary:
@@ -254,34 +253,40 @@ def run_shard(cfg: ShardStageConfig) -> ShardSummary:
     sources = resolve_sources(cfg.dataset)
     check_source_paths(sources)
     split_dir.mkdir(parents=True, exist_ok=True)
-    shas = [sha256_file(source.annotations) for source in sources]
     settings = partition_settings(cfg)
-    fingerprint = plan_fingerprint(cfg, shas)
-    existing = _existing_manifest(manifest_path, settings, shas)
-    if existing is not None:
-        print(
-            f"[shard] {manifest_path} is complete ({len(existing.shards)} shards, {existing.num_samples} "
-            "samples) for this input and settings: nothing to do",
-            flush=True,
-        )
-        summary = RejectSummary(0, 0, existing.reject_counts, {})
-        return ShardSummary(
-            manifest_path,
-            len(existing.shards),
-            0,
-            existing.num_samples,
-            existing.num_annotations,
-            summary,
-            time.monotonic() - start,
-            0.0,
-            0.0,
-            True,
-        )
-
-    plan = load_plan(staging_dir(split_dir, fingerprint))
-    if plan is None or plan.fingerprint != fingerprint:
+    existing = _finished_manifest(manifest_path)
+    plan = None
+    if existing is not None or has_staged_plan(split_dir):
+        # A finished or interrupted split is compared with the input by the annotation files' hashes; a
+        # new one gets them from the indexing pass (Objects365's 4 GiB are then read once, not twice).
+        shas = [sha256_file(source.annotations) for source in sources]
+        if existing is not None:
+            _check_not_made_otherwise(manifest_path, existing, settings, shas)
+            print(
+                f"[shard] {manifest_path} is complete ({len(existing.shards)} shards, "
+                f"{existing.num_samples} samples) for this input and settings: nothing to do",
+                flush=True,
+            )
+            summary = RejectSummary(0, 0, existing.reject_counts, {})
+            return ShardSummary(
+                manifest_path,
+                len(existing.shards),
+                0,
+                existing.num_samples,
+                existing.num_annotations,
+                summary,
+                time.monotonic() - start,
+                0.0,
+                0.0,
+                True,
+            )
+        fingerprint = plan_fingerprint(cfg, shas)
+        plan = load_plan(staging_dir(split_dir, fingerprint))
+        if plan is not None and plan.fingerprint != fingerprint:
+            plan = None
+    if plan is None:
         print(f"[shard] indexing {', '.join(str(s.annotations) for s in sources)}", flush=True)
-        plan = build_plan(cfg, sources, fingerprint)
+        plan = build_plan(cfg, sources)
     (plan.directory / "done").mkdir(exist_ok=True)
     dataset, split = cfg.dataset.dataset_name, cfg.dataset.split
     names = [_shard_name(dataset, split, i) for i in range(plan.num_shards)]
