@@ -6,10 +6,13 @@ locates structure: per chunk, numpy finds the quotes (and which are escaped), th
 outside strings and the nesting depth after each. That is enough to hand out
 
 - the raw bytes of chosen top-level values (``stream_keys``), to be parsed by whoever wants them, and
-- the raw bytes of each element of chosen top-level arrays (``element_keys``), without parsing them.
+- the raw bytes of each element of chosen top-level arrays (``element_keys``), without parsing them
+  (``Elements.values`` parses a chunk's worth at once; orjson lives here).
 
 Nothing per element is kept beyond one chunk. Malformed structure (unbalanced brackets, an unterminated
-string, a non-object top level, non-object elements of an element array) raises ``JSONStructureError``.
+string, a non-object top level, a raw control character, values other than objects in an element array)
+raises ``JSONStructureError``; a stray value between two objects of one chunk stays in an element's raw
+bytes, where its parser refuses it.
 """
 
 from __future__ import annotations
@@ -153,8 +156,9 @@ def _read_ahead(
     handle: BinaryIO, chunk_size: int
 ) -> Iterator[tuple[bytes, np.ndarray, np.ndarray, np.ndarray]]:
     """The chunks of ``handle`` with their unescaped quotes (as if no backslash run came before the
-    chunk) and their brackets and commas, each chunk prepared in a thread while the caller works on the
-    previous one: reading, hashing and numpy's passes release the GIL, so the two overlap on two cores."""
+    chunk) and their brackets and the commas that may separate elements, each chunk prepared in a thread
+    while the caller works on the previous one: reading, hashing and numpy's passes release the GIL, so
+    the two partly overlap on two cores."""
 
     def prepare() -> tuple[bytes, np.ndarray, np.ndarray, np.ndarray] | None:
         chunk = handle.read(chunk_size)
