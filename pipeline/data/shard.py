@@ -26,7 +26,13 @@ from typing import Any
 import ray
 
 from pipeline.data import rejects as R
-from pipeline.data.coco_source import AnnotationFileError, check_source_paths, resolve_sources, sha256_file
+from pipeline.data.coco_source import (
+    AnnotationFileError,
+    SourceFile,
+    check_source_paths,
+    resolve_sources,
+    sha256_file,
+)
 from pipeline.data.config import ShardStageConfig
 from pipeline.data.manifest import (
     KEY_DIGITS,
@@ -200,8 +206,12 @@ def _finished_manifest(manifest_path: Path) -> Manifest | None:
         return None  # a corrupt manifest is rewritten from the plan and the shards
 
 
-def _made_otherwise(manifest: Manifest, fingerprint_settings: dict[str, Any], shas: list[str]) -> bool:
-    return manifest.config != fingerprint_settings or [a.sha256 for a in manifest.annotation_files] != shas
+def _made_otherwise(manifest: Manifest, settings: dict[str, Any], sources: list[SourceFile]) -> bool:
+    """Whether ``manifest`` was made with other settings or from other annotation files. Other settings
+    are seen without hashing the annotation files (GBs for Objects365)."""
+    return manifest.config != settings or [a.sha256 for a in manifest.annotation_files] != [
+        sha256_file(source.annotations) for source in sources
+    ]
 
 
 def superseded_split(cfg: ShardStageConfig) -> bool:
@@ -212,21 +222,7 @@ def superseded_split(cfg: ShardStageConfig) -> bool:
     sources = resolve_sources(cfg.dataset)
     if manifest is None or not all(source.annotations.is_file() for source in sources):
         return False
-    settings = partition_settings(cfg)
-    # Other settings are seen without hashing the annotation files (GBs for Objects365).
-    return manifest.config != settings or _made_otherwise(
-        manifest, settings, [sha256_file(s.annotations) for s in sources]
-    )
-
-
-def _check_not_made_otherwise(
-    manifest_path: Path, manifest: Manifest, fingerprint_settings: dict[str, Any], shas: list[str]
-) -> None:
-    if _made_otherwise(manifest, fingerprint_settings, shas):
-        raise ShardStageError(
-            f"{manifest_path} already describes a finished split made from other input or settings "
-            f"({manifest.config}); write to another out= or remove {manifest_path.parent}"
-        )
+    return _made_otherwise(manifest, partition_settings(cfg), sources)
 
 
 def _summary_of(plan: Plan, results: list[ShardResult]) -> RejectSummary:
@@ -255,32 +251,35 @@ def run_shard(cfg: ShardStageConfig) -> ShardSummary:
     split_dir.mkdir(parents=True, exist_ok=True)
     settings = partition_settings(cfg)
     existing = _finished_manifest(manifest_path)
+    if existing is not None:
+        if _made_otherwise(existing, settings, sources):
+            raise ShardStageError(
+                f"{manifest_path} already describes a finished split made from other input or settings "
+                f"({existing.config}); write to another out= or remove {split_dir}"
+            )
+        print(
+            f"[shard] {manifest_path} is complete ({len(existing.shards)} shards, {existing.num_samples} "
+            "samples) for this input and settings: nothing to do",
+            flush=True,
+        )
+        summary = RejectSummary(0, 0, existing.reject_counts, {})
+        return ShardSummary(
+            manifest_path,
+            len(existing.shards),
+            0,
+            existing.num_samples,
+            existing.num_annotations,
+            summary,
+            time.monotonic() - start,
+            0.0,
+            0.0,
+            True,
+        )
     plan = None
-    if existing is not None or has_staged_plan(split_dir):
-        # A finished or interrupted split is compared with the input by the annotation files' hashes; a
-        # new one gets them from the indexing pass (Objects365's 4 GiB are then read once, not twice).
-        shas = [sha256_file(source.annotations) for source in sources]
-        if existing is not None:
-            _check_not_made_otherwise(manifest_path, existing, settings, shas)
-            print(
-                f"[shard] {manifest_path} is complete ({len(existing.shards)} shards, "
-                f"{existing.num_samples} samples) for this input and settings: nothing to do",
-                flush=True,
-            )
-            summary = RejectSummary(0, 0, existing.reject_counts, {})
-            return ShardSummary(
-                manifest_path,
-                len(existing.shards),
-                0,
-                existing.num_samples,
-                existing.num_annotations,
-                summary,
-                time.monotonic() - start,
-                0.0,
-                0.0,
-                True,
-            )
-        fingerprint = plan_fingerprint(cfg, shas)
+    if has_staged_plan(split_dir):
+        # An interrupted run's plan is found by the annotation files' hashes; a new split takes them
+        # from the indexing pass instead (Objects365's 4 GiB are then read once, not twice).
+        fingerprint = plan_fingerprint(cfg, [sha256_file(source.annotations) for source in sources])
         plan = load_plan(staging_dir(split_dir, fingerprint))
         if plan is not None and plan.fingerprint != fingerprint:
             plan = None
