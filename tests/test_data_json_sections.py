@@ -7,9 +7,17 @@ import json
 import math
 import random
 
+import numpy as np
 import pytest
 
-from pipeline.data.json_sections import Elements, JSONStructureError, Piece, parse_values, scan
+from pipeline.data.json_sections import (
+    Elements,
+    JSONStructureError,
+    Piece,
+    _structural_positions,
+    parse_values,
+    scan,
+)
 
 DOCUMENT = {
     "info": {"description": 'brackets in strings: {[}] "quoted" \\ back\\\\slash \\"', "year": 2017},
@@ -158,3 +166,31 @@ def test_parse_values_reads_what_json_loads_reads() -> None:
     for bad in (b"{", b"1 2", b"{'a': 1}", b"[" * 100_000):
         with pytest.raises(ValueError):
             parse_values(bad)
+
+
+def _structural_reference(data: bytes) -> list[int]:
+    """Brackets, and commas unless a non-space byte other than ``}`` stands before them and, after them
+    (past one space), a non-space byte other than ``{``; beyond the data: spaces."""
+    padded = b" " + data + b"  "
+    found = []
+    for i, byte in enumerate(data):
+        if byte in b"{}[]":
+            found.append(i)
+        elif byte == ord(","):
+            before, after = padded[i], padded[i + 2]
+            if after == ord(" "):
+                after = padded[i + 3]
+            if not (before > ord(" ") and before != ord("}") and after > ord(" ") and after != ord("{")):
+                found.append(i)
+    return found
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_structural_positions_match_the_rule_across_numpy_blocks(seed: int) -> None:
+    rng = random.Random(seed)
+    for _ in range(200):
+        data = bytes(rng.choice(b'{}[],, 1"a\n\t') for _ in range(rng.randint(0, 40)))
+        expected = _structural_reference(data)
+        arr = np.frombuffer(data, dtype=np.uint8)
+        for block in (1, 2, 5, 64):
+            assert _structural_positions(arr, block).tolist() == expected, (data, block)

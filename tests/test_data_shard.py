@@ -242,6 +242,8 @@ def make_o365_fixture(root: Path) -> None:
         ann(10, 999, [1.0, 1.0, 5.0, 5.0]),  # unknown image
         ann(11, 102, [1.0, 1.0, 5.0, 5.0]),  # image missing: goes with the image
         ann(12, 101, [1.0, 1.0, 5.0, 5.0], note="BAD_LITERAL"),  # balanced but not JSON
+        # Routed by the nested image_id (the first in its text), read as image 101's: in no shard of 106.
+        {"id": 13, "meta": {"image_id": 106}, **ann(13, 101, [1.0, 1.0, 5.0, 5.0])},
     ]
     train = {
         "images": [*train_images[:4], unsafe, *train_images[4:]],
@@ -284,6 +286,7 @@ def test_objects365_faults(ray_session, tmp_path: Path) -> None:
         (101, 6, "unknown_category"),
         (101, 7, "non_finite_box"),
         (101, None, "malformed_annotation"),
+        (106, 13, "malformed_annotation"),
         (102, None, "missing_image"),
         (103, None, "undecodable_image"),
         (104, None, "undecodable_image"),
@@ -295,7 +298,7 @@ def test_objects365_faults(ray_session, tmp_path: Path) -> None:
     assert manifest.reject_counts == {
         "box_clipped": 1,
         "duplicate_annotation": 1,
-        "malformed_annotation": 1,
+        "malformed_annotation": 2,
         "missing_image": 1,
         "non_finite_box": 1,
         "size_mismatch": 1,

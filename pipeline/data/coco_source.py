@@ -130,6 +130,12 @@ _IMAGE_ID = re.compile(rb'"image_id"\s*:\s*(-?\d+)\s*[,}]')
 _MAX_CATEGORIES_BYTES = 64 << 20
 
 
+def annotation_image_id(raw: bytes) -> int | None:
+    """The first ``"image_id": <integer>`` in an annotation's raw JSON, which the driver routes it by."""
+    match = _IMAGE_ID.search(raw)
+    return int(match.group(1)) if match else None
+
+
 @dataclass
 class ScannedFile:
     """What one pass over an annotation file yields (the annotations themselves went to the spill)."""

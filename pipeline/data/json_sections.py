@@ -112,44 +112,47 @@ def _unescaped_quotes(arr: np.ndarray, carry_backslashes: int) -> np.ndarray:
     return quotes[~escaped]
 
 
-def _outside_strings(structural: np.ndarray, quotes: np.ndarray, in_string: bool, size: int) -> np.ndarray:
-    """The structural positions that are not inside a string, given the unescaped quote positions.
-
-    Looks up each string's span among the structural positions (strings are far fewer than commas and
-    brackets, and seldom hold any), instead of each structural position among the quotes.
-    """
-    bounds = quotes
-    if in_string:  # the chunk starts inside a string that an earlier chunk opened
-        bounds = np.concatenate(([-1], bounds))
-    if bounds.size % 2:  # the last string goes on into the next chunk
-        bounds = np.concatenate((bounds, [size]))
-    index = np.searchsorted(structural, bounds)
-    first, stop = index[0::2], index[1::2]
-    spans = np.flatnonzero(stop > first)
-    if not spans.size:
-        return structural
-    counts = stop[spans] - first[spans]
-    offsets = np.repeat(first[spans] - (np.cumsum(counts) - counts), counts)
-    keep = np.ones(structural.size, dtype=bool)
-    keep[offsets + np.arange(int(counts.sum()))] = False
-    return structural[keep]
+def _outside_strings(structural: np.ndarray, quotes: np.ndarray, in_string: bool) -> np.ndarray:
+    """The structural positions that are not inside a string, given the unescaped quote positions: those
+    with an even number of quotes before them in the chunk (odd when the chunk starts inside a string)."""
+    quotes_before = np.searchsorted(quotes, structural)
+    return structural[(quotes_before & 1) == int(in_string)]
 
 
-def _separating_commas(chunk: bytes, commas: np.ndarray) -> np.ndarray:
-    """Of the ``commas`` in ``chunk``, those that may separate elements of an array of objects.
+_STRUCTURE_BLOCK = 1 << 20
+"""Bytes per numpy pass in ``_structural_positions``: the temporaries stay small enough to be reused
+instead of freshly mapped (and page-faulted) for every operation, 3x faster than whole 8 MiB chunks."""
+
+
+def _structural_positions(arr: np.ndarray, block: int = _STRUCTURE_BLOCK) -> np.ndarray:
+    """Positions in ``arr (n,) uint8`` of brackets and of the commas that may separate elements of an
+    array of objects, ascending, strings not yet excluded.
 
     A comma between two elements of which neither is an object has neither ``}`` (or whitespace) just
     before it nor ``{`` (or whitespace) just after it, or after one space; such commas are most of a COCO
     file's (between a polygon's coordinates, between an object's members) and are left out. That cannot
     hide a malformed element array: a comma beside an object is always kept, so an array that mixes
     objects with other values shows ``scan`` more separating commas than its objects allow, and one
-    without objects fails the empty-array check.
+    without objects fails the empty-array check. Neighbours beyond ``arr`` count as spaces.
     """
-    padded = np.frombuffer(b" " + chunk + b"  ", dtype=np.uint8)  # neighbours beyond the chunk: spaces
-    before, after, after2 = padded[commas], padded[2:][commas], padded[3:][commas]
-    after = np.where(after == ord(" "), after2, after)
-    inside = (before > ord(" ")) & (before != ord("}")) & (after > ord(" ")) & (after != ord("{"))
-    return commas[~inside]
+    size = arr.size
+    padded = np.full(size + 3, ord(" "), dtype=np.uint8)
+    padded[1 : size + 1] = arr
+    found = []
+    for lo in range(0, size, block):
+        hi = min(size, lo + block)
+        before, here = padded[lo:hi], padded[lo + 1 : hi + 1]
+        after, after2 = padded[lo + 2 : hi + 2], padded[lo + 3 : hi + 3]
+        folded = here | 0x20  # '[' -> '{', ']' -> '}': one compare each for both bracket kinds
+        structural = (folded == ord("{")) | (folded == ord("}"))
+        # The next byte, or the one after it when the next is a space, is neither an object nor a space.
+        after_plain = ((after > ord(" ")) & (after != ord("{"))) | (
+            (after == ord(" ")) & (after2 > ord(" ")) & (after2 != ord("{"))
+        )
+        inside = (before > ord(" ")) & (before != ord("}")) & after_plain
+        structural |= (here == ord(",")) & ~inside
+        found.append(np.flatnonzero(structural) + lo)
+    return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
 
 
 def _read_ahead(
@@ -165,10 +168,7 @@ def _read_ahead(
         if not chunk:
             return None
         arr = np.frombuffer(chunk, dtype=np.uint8)
-        folded = arr | 0x20  # '[' -> '{', ']' -> '}': one compare each for both bracket kinds
-        structural = (folded == ord("{")) | (folded == ord("}"))
-        structural[_separating_commas(chunk, np.flatnonzero(arr == ord(",")))] = True
-        return chunk, arr, _unescaped_quotes(arr, 0), np.flatnonzero(structural)
+        return chunk, arr, _unescaped_quotes(arr, 0), _structural_positions(arr)
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="json-read-ahead") as pool:
         ahead = pool.submit(prepare)
@@ -207,7 +207,7 @@ def scan(
             raise JSONStructureError(f"a raw control character (0x1e) at byte {position}")
         if in_string and backslashes % 2:  # an odd backslash run from the last chunk escapes a quote
             quotes = _unescaped_quotes(arr, backslashes)
-        structural = _outside_strings(structural, quotes, in_string, arr.size)
+        structural = _outside_strings(structural, quotes, in_string)
         chars = arr[structural]
         delta = _DELTA[chars]
         after = depth + np.cumsum(delta, dtype=np.int64)

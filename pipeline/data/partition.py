@@ -37,7 +37,7 @@ from pipeline.data.coco_source import (
 from pipeline.data.config import ShardStageConfig
 from pipeline.data.manifest import AnnotationFile, Category, Reject
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 STAGING_PREFIX = ".staging-"
 
 
@@ -72,7 +72,7 @@ class Plan:
 
     def annotation_file(self, shard: int) -> Path:
         """The JSON-lines file of shard ``shard``'s annotations (absent when it has none)."""
-        return self.directory / "ann" / f"{shard:06d}.jsonl"  # lines: <image_id>\t<annotation JSON>
+        return self.directory / "ann" / f"{shard:06d}.jsonl"
 
     def shard_names(self, shard: int) -> list[str]:
         """The file names of shard ``shard``'s images."""
@@ -331,15 +331,22 @@ def _annotation_id(line: bytes) -> int | None:
     return value if type(value) is int else None
 
 
-def _spill_blocks(spill: tuple[Path, Path], lines_per_block: int) -> Iterator[tuple[list[bytes], np.ndarray]]:
-    """The spilled annotation lines (newline kept) with their image ids, ``lines_per_block`` at a time."""
+_SPILL_READ = 16 << 20
+
+
+def _spill_blocks(spill: tuple[Path, Path], max_lines: int) -> Iterator[tuple[list[bytes], np.ndarray]]:
+    """The spilled annotation lines (without their newline) with their image ids, at most ``max_lines``
+    at a time; read ``_SPILL_READ`` bytes at a time and split in one call, not line by line."""
     lines_path, ids_path = spill
     with open(lines_path, "rb") as lines_handle, open(ids_path, "rb") as ids_handle:
-        while True:
-            image_ids = np.frombuffer(ids_handle.read(8 * lines_per_block), dtype=np.int64)
-            if not image_ids.size:
-                return
-            yield list(itertools.islice(lines_handle, image_ids.size)), image_ids
+        rest = b""
+        while data := lines_handle.read(_SPILL_READ):
+            data = rest + data
+            cut = data.rfind(b"\n") + 1
+            lines, rest = data[: max(cut - 1, 0)].split(b"\n") if cut else [], data[cut:]
+            for lo in range(0, len(lines), max_lines):
+                part = lines[lo : lo + max_lines]
+                yield part, np.frombuffer(ids_handle.read(8 * len(part)), dtype=np.int64)
 
 
 def _route(
@@ -356,7 +363,7 @@ def _route(
 ) -> int:
     """Append each spilled annotation of ``source`` to its shard's file; returns how many were listed.
 
-    A shard file line is ``<image_id>\\t<annotation JSON as in the source>``. Annotations of images this
+    A shard file holds its annotations' JSON as in the source, one per line. Annotations of images this
     split does not take (the other split, rejected images) are skipped without a reject: the image-level
     reject or the other split accounts for them.
     """
@@ -384,17 +391,14 @@ def _route(
                 )
             )
         rows = np.flatnonzero(taken)
-        id_list = image_ids.tolist()
         shards = shard_of[where[rows]]
         order = np.argsort(shards, kind="stable")
-        rows, shards = rows[order], shards[order]
-        bounds = np.flatnonzero(np.diff(shards)) + 1
-        for group in np.split(np.arange(len(rows)), bounds):
-            if not len(group):
-                continue
-            data = b"".join([b"%d\t%s" % (id_list[r], lines[r]) for r in rows[group].tolist()])
-            with open(ann_dir / f"{int(shards[group[0]]):06d}.jsonl", "ab") as handle:
-                handle.write(data)
+        rows, shards = rows[order].tolist(), shards[order]
+        bounds = [0, *(np.flatnonzero(np.diff(shards)) + 1).tolist(), len(rows)]
+        for lo, hi in itertools.pairwise(bounds):
+            if hi > lo:
+                with open(ann_dir / f"{int(shards[lo]):06d}.jsonl", "ab") as handle:
+                    handle.write(b"\n".join(map(lines.__getitem__, rows[lo:hi])) + b"\n")
     return listed
 
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from pipeline.data import rejects as R
 from pipeline.data.annotation_checks import check_annotations
+from pipeline.data.coco_source import annotation_image_id
 from pipeline.data.image_check import ImageDecodeError, probe_image
 from pipeline.data.json_sections import parse_values
 from pipeline.data.manifest import KEY_DIGITS, Reject, ShardEntry
@@ -139,39 +140,62 @@ class ShardResult:
 _UNPARSABLE = object()
 
 
-def _read_annotations(path: str) -> tuple[dict[int, list[tuple[dict[str, Any], bytes]]], list[Reject]]:
-    """A shard's annotations by image id as (parsed, source bytes) pairs, and rejects for unparsable ones.
+def _read_annotations(
+    path: str, image_ids: np.ndarray
+) -> tuple[dict[int, list[tuple[dict[str, Any], bytes]]], list[Reject]]:
+    """A shard's annotations by image id as (parsed, source bytes) pairs, and rejects for those that do not
+    parse or whose top-level ``image_id`` is not one of the shard's ``image_ids (n,)``.
 
-    The file's lines are ``<image_id>\\t<annotation JSON as in the source>``, each one balanced JSON value
-    (the driver cut them at the source array's top-level commas), so one parse of them all as an array
-    gives each line's value; a line that does not parse makes it go line by line with ``json.loads``,
-    which decides what the source's values are.
+    The file holds the annotations' JSON as in the source, one per line, each one balanced JSON value (the
+    driver cut them at the source array's top-level commas), so one parse of them all as an array gives
+    each line's value; a line that does not parse makes it go line by line with ``json.loads``, which
+    decides what the source's values are. The driver routed each line by the first ``"image_id": <int>``
+    in its text; only a nested or repeated key can make that differ from the parsed top-level value.
     """
     by_image: dict[int, list[tuple[dict[str, Any], bytes]]] = defaultdict(list)
     rejects: list[Reject] = []
     if not os.path.exists(path):
         return by_image, rejects
     with open(path, "rb") as handle:
-        lines = [line.partition(b"\t") for line in handle.read().splitlines()]
-    raws = [raw.strip() for _, _, raw in lines]
+        lines = handle.read().split(b"\n")[:-1]
     try:
-        parsed = parse_values(b",".join(raws))
+        parsed = parse_values(b",".join(lines))
     except ValueError:
         parsed = None
     if parsed is None or len(parsed) != len(lines):
         parsed = []
-        for (image_id, _, _), raw in zip(lines, raws):
+        for raw in lines:
             try:
                 parsed.append(json.loads(raw))
             except ValueError as error:
                 parsed.append(_UNPARSABLE)
                 rejects.append(
-                    Reject(int(image_id), R.MALFORMED_ANNOTATION, None, f"not valid JSON: {error}")
+                    Reject(_routed_id(raw), R.MALFORMED_ANNOTATION, None, f"not valid JSON: {error}")
                 )
-    for (image_id, _, _), raw, ann in zip(lines, raws, parsed):
-        if ann is not _UNPARSABLE:
-            by_image[int(image_id)].append((ann, raw))
+    wanted = set(image_ids.tolist())
+    for raw, ann in zip(lines, parsed):
+        if ann is _UNPARSABLE:
+            continue
+        image_id = ann.get("image_id")
+        if type(image_id) is int and image_id in wanted:
+            by_image[image_id].append((ann, raw))
+        else:
+            ann_id = ann.get("id")
+            rejects.append(
+                Reject(
+                    _routed_id(raw),
+                    R.MALFORMED_ANNOTATION,
+                    ann_id if type(ann_id) is int else None,
+                    f"its top-level 'image_id' is {str(image_id)[:40]}, not the first one in its text",
+                )
+            )
     return by_image, rejects
+
+
+def _routed_id(raw: bytes) -> int:
+    """The image id the driver routed ``raw`` by (-1 if none: it routes only lines that have one)."""
+    image_id = annotation_image_id(raw)
+    return -1 if image_id is None else image_id
 
 
 def _read_image(task: ShardTask, i: int) -> tuple[bytes, str] | Reject:
@@ -217,7 +241,7 @@ def _record(task: ShardTask, i: int, kept: list[dict[str, Any]], raw_of: dict[in
 def write_shard(task: ShardTask) -> ShardResult:
     """Write one shard (temporary name, fsync, rename) and its completion record; returns the record."""
     cpu_start = time.process_time()
-    annotations, rejects = _read_annotations(task.annotation_file)
+    annotations, rejects = _read_annotations(task.annotation_file, task.ids)
     fixes: Counter[str] = Counter()
     final = Path(task.split_dir) / task.name
     tmp = final.with_name(f".{task.name}.tmp-{os.getpid()}")
