@@ -22,6 +22,7 @@ from pipeline.data.manifest import ManifestError, load_manifest
 from pipeline.data.partition import _gather_names
 from pipeline.data.rejects import RejectFractionExceeded
 from pipeline.data.shard import run_shard, superseded_split, verify_shards
+from pipeline.data.shard_writer import _member_header
 from pipeline.data.stream import iter_shard
 
 
@@ -100,6 +101,16 @@ def test_shards_are_the_tars_tarfile_writes(coco_sample_shards: Path) -> None:
                 info.uname = info.gname = "dino"
                 copy.addfile(info, source.extractfile(member))
         assert rebuilt.getvalue() == data, entry.name
+
+
+@pytest.mark.parametrize("name", ["a.jpg", "000000000139.json", "é/ü.png", "n" * 100, "dir/" * 26 + "x.jpg"])
+@pytest.mark.parametrize("size", [0, 1, 511, 512, 8**11 - 1])
+def test_member_header_is_tarfiles(name: str, size: int) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o444
+    info.uname = info.gname = "dino"
+    expected = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+    assert _member_header(name, size) == expected
 
 
 def test_rerun_over_finished_output_does_nothing(

@@ -21,13 +21,20 @@ OUTSIDE_TOLERANCE = 1.0
 """Pixels a COCO box may pass the image border by (the source data has sub-pixel overshoots)."""
 
 
-_NUMBER_TYPES = frozenset((int, float))
-"""What JSON numbers parse to (``bool`` is not one of them)."""
+_BOX_VALUE_TYPES = frozenset((int, float, type(None)))
+"""What a box value may parse to: a JSON number (``bool`` is not one) or null (rejected as non-finite)."""
 
 
 def _box_types_ok(bbox: Any) -> bool:
     """Four numbers or nulls (nulls are rejected afterwards as non-finite)."""
-    return type(bbox) is list and len(bbox) == 4 and all(type(v) in _NUMBER_TYPES or v is None for v in bbox)
+    return type(bbox) is list and len(bbox) == 4 and _BOX_VALUE_TYPES.issuperset(map(type, bbox))
+
+
+def _all_finite(bbox: list[int | float]) -> bool:
+    try:
+        return all(map(math.isfinite, bbox))
+    except OverflowError:  # an integer beyond a float's range (json.loads reads any size)
+        return False
 
 
 def check_annotations(
@@ -55,9 +62,9 @@ def check_annotations(
         bbox = ann.get("bbox")
         category = ann.get("category_id")
         reason = detail = None
-        if not (_box_types_ok(bbox) and isinstance(category, int)):
+        if not (_box_types_ok(bbox) and type(category) is int):
             reason, detail = R.MALFORMED_ANNOTATION, "needs 'bbox' [x, y, w, h] and an integer 'category_id'"
-        elif not all(v is not None and math.isfinite(v) for v in bbox):
+        elif None in bbox or not _all_finite(bbox):
             reason, detail = R.NON_FINITE_BOX, f"bbox {bbox}"
         elif category not in category_ids:
             reason, detail = R.UNKNOWN_CATEGORY, f"category_id {category}"

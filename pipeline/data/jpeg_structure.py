@@ -17,6 +17,7 @@ tests/test_data_jpeg_structure.py holds the walk to ``decode_jpeg`` on corrupted
 
 from __future__ import annotations
 
+import functools
 import operator
 import re
 from dataclasses import dataclass, field
@@ -54,7 +55,8 @@ _KRAFT_WEIGHTS = tuple(1 << (15 - i) for i in range(16))
 """2^(16 - length) for code lengths 1..16: a table's codes fit when its weighted counts stay below 2^16."""
 
 
-def _huffman_tables(body: bytes) -> tuple[list[int], list[int]] | None:
+@functools.lru_cache(maxsize=256)  # most files of a dataset share their encoder's tables
+def _huffman_tables(body: bytes) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
     """The (DC, AC) table ids a DHT segment defines, if libjpeg builds them all: counts within the
     segment, codes that fit their lengths (libjpeg's "Bogus Huffman table definition" when the running
     code reaches 2^length, i.e. the counts over-subscribe the code space), DC symbols up to 15."""
@@ -76,10 +78,11 @@ def _huffman_tables(body: bytes) -> tuple[list[int], list[int]] | None:
             return None
         (dc if table_class == 0 else ac).append(table_id)
         i += 17 + total
-    return dc, ac
+    return tuple(dc), tuple(ac)
 
 
-def _quant_tables(body: bytes) -> list[int] | None:
+@functools.lru_cache(maxsize=256)
+def _quant_tables(body: bytes) -> tuple[int, ...] | None:
     """The table ids a DQT segment defines, if its tables fill it exactly."""
     defined = []
     i = 0
@@ -89,7 +92,7 @@ def _quant_tables(body: bytes) -> list[int] | None:
         if precision > 1 or table_id > 3 or i > len(body):
             return None
         defined.append(table_id)
-    return defined
+    return tuple(defined)
 
 
 def _frame(marker: int, body: bytes) -> _Frame | None:

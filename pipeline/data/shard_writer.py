@@ -27,6 +27,12 @@ from pipeline.data.image_check import ImageDecodeError, probe_image
 from pipeline.data.json_sections import parse_values
 from pipeline.data.manifest import KEY_DIGITS, Reject, ShardEntry
 
+_HEADER_MODE_OWNER = b"0000444\0" + b"0000000\0" * 2  # mode, uid, gid
+_HEADER_MTIME = b"00000000000\0"
+_HEADER_TAIL = b"0" + b"\0" * 100 + b"ustar\x0000" + b"dino".ljust(32, b"\0") * 2  # type, link, magic, owner
+_HEADER_CONSTANT_SUM = sum(_HEADER_MODE_OWNER + _HEADER_MTIME + b" " * 8 + _HEADER_TAIL)
+"""The checksum's share of the fixed fields (the checksum field itself counts as spaces)."""
+
 
 def _member_header(name: str, size: int) -> bytes:
     """The USTAR header ``tarfile`` writes for a regular file ``name`` of ``size`` bytes, with mtime 0,
@@ -37,20 +43,16 @@ def _member_header(name: str, size: int) -> bytes:
         info.size, info.mtime, info.mode = size, 0, 0o444
         info.uname = info.gname = "dino"
         return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
-    header = bytearray(
+    size_field = b"%011o\0" % size
+    checksum = _HEADER_CONSTANT_SUM + sum(encoded) + sum(size_field)
+    return (
         encoded.ljust(100, b"\0")
-        + b"0000444\0"
-        + b"0000000\0" * 2
-        + b"%011o\0" % size
-        + b"00000000000\0"
-        + b" " * 8
-        + b"0"
-        + b"\0" * 100
-        + b"ustar\x0000"
-        + b"dino".ljust(32, b"\0") * 2
+        + _HEADER_MODE_OWNER
+        + size_field
+        + _HEADER_MTIME
+        + b"%06o\0 " % checksum
+        + _HEADER_TAIL
     ).ljust(tarfile.BLOCKSIZE, b"\0")
-    header[148:155] = b"%06o\0" % sum(header)
-    return bytes(header)
 
 
 _WRITEBACK_BYTES = 4 << 20
@@ -225,17 +227,14 @@ def _read_image(task: ShardTask, i: int) -> tuple[bytes, str] | Reject:
 
 def _record(task: ShardTask, i: int, kept: list[dict[str, Any]], raw_of: dict[int, bytes]) -> bytes:
     """The sample's JSON; kept annotations that were not repaired go in as their source bytes."""
-    head = json.dumps(
-        {
-            "id": int(task.ids[i]),
-            "file_name": task.file_names[i],
-            "width": int(task.widths[i]),
-            "height": int(task.heights[i]),
-        },
-        separators=(",", ":"),
+    head = b'{"id":%d,"file_name":%s,"width":%d,"height":%d,"annotations":[' % (
+        task.ids[i],
+        json.dumps(task.file_names[i]).encode("ascii"),
+        task.widths[i],
+        task.heights[i],
     )
     anns = b",".join(raw_of.get(id(ann)) or json.dumps(ann, separators=(",", ":")).encode() for ann in kept)
-    return head[:-1].encode("utf-8") + b',"annotations":[' + anns + b"]}"
+    return head + anns + b"]}"
 
 
 def write_shard(task: ShardTask) -> ShardResult:
