@@ -8,11 +8,12 @@ coco128 (../shared) is replicated under new image ids (copies: tar stores hard l
 throughput is marginal, (large - small) / (t_large - t_small), with medians over ``--repeats`` runs;
 ``tar -cf`` is timed again beside each configuration, interleaved with it, and each ratio uses the tar of
 the same minutes (this VM's speed drifts by a fifth over minutes).
-Each configuration runs in one Ray instance started beforehand and warmed by a first run, as on a
+Each repeat of a configuration runs in a Ray instance started for it and warmed by a first run, as on a
 cluster: Ray's start-up and the workers' imports are outside every timed run (they were the noise of an
-earlier version that timed each run with its own Ray). Files are read once first, so both tar and the
-stage read from the page cache. The stage fsyncs every shard (tar does not): "tar + sync" is the same
-floor made durable.
+earlier version that timed each run with its own Ray). 1 and 2 workers alternate, repeat by repeat, and
+each pair's scaling is printed too: on this VM the 2-worker runs vary more than the drift between them.
+Files are read once first, so both tar and the stage read from the page cache. The stage fsyncs every
+shard (tar does not): "tar + sync" is the same floor made durable.
 """
 
 from __future__ import annotations
@@ -137,24 +138,40 @@ def main() -> None:
     syncs = [(tar(small, True), tar(large, True)) for _ in range(args.repeats)]
     record("tar -cf + sync", medians([p[0] for p in syncs]), medians([p[1] for p in syncs]))
     results = {}
+    paired: dict[str, list[tuple[float, float]]] = {}
     out = args.work / "shards"
-    for cpus, check in [(cpus, check) for check in args.checks for cpus in (1, 2)]:
+    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p or os.getcwd() for p in sys.path)}}
+    for check in args.checks:
+        runs: dict[int, list[tuple[tuple[float, ...], ...]]] = {1: [], 2: []}
+        # The two configurations alternate, each repeat in a Ray started and warmed for it, and tar runs
+        # beside each: this VM's speed drifts by 20% over minutes, so each pair shares its minutes.
+        for _ in range(args.repeats):
+            for cpus in (1, 2):
 
-        def shard(data: Data, cpus: int = cpus, check: str = check) -> tuple[float, ...]:
-            return time_shard(data[0], data[1], out, cpus, args.images_per_shard, check)
+                def shard(data: Data, cpus: int = cpus, check: str = check) -> tuple[float, ...]:
+                    return time_shard(data[0], data[1], out, cpus, args.images_per_shard, check)
 
-        env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p or os.getcwd() for p in sys.path)}}
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, runtime_env=env)
-        try:
-            shard(small)  # warm-up: the workers start and import the stage
-            # tar runs in the same minutes as the stage: this VM's speed drifts by 20% over minutes.
-            runs = [(tar(small), tar(large), shard(small), shard(large)) for _ in range(args.repeats)]
-        finally:
-            ray.shutdown()
-        window = f"{cpus} worker(s), {check}"
-        tar_result = record(f"tar -cf (beside {window})", *(medians([r[k] for r in runs]) for k in (0, 1)))
-        stage = record(f"shard stage, {window}", *(medians([r[k] for r in runs]) for k in (2, 3)))
-        results[(cpus, check)] = (stage, tar_result)
+                ray.init(address="local", num_cpus=cpus, include_dashboard=False, runtime_env=env)
+                try:
+                    shard(small)  # warm-up: the workers start and import the stage
+                    runs[cpus].append((tar(small), tar(large), shard(small), shard(large)))
+                finally:
+                    ray.shutdown()
+        for cpus in (1, 2):
+            window = f"{cpus} worker(s), {check}"
+            config_runs = runs[cpus]
+            tar_result = record(
+                f"tar -cf (beside {window})", *(medians([r[k] for r in config_runs]) for k in (0, 1))
+            )
+            stage = record(f"shard stage, {window}", *(medians([r[k] for r in config_runs]) for k in (2, 3)))
+            results[(cpus, check)] = (stage, tar_result)
+
+        def rate(run: tuple[tuple[float, ...], ...], small_at: int) -> float:
+            return extra_images / (run[small_at + 1][0] - run[small_at][0])
+
+        paired[check] = [
+            (rate(two, 2) / rate(one, 2), rate(two, 2) / rate(two, 0)) for one, two in zip(runs[1], runs[2])
+        ]
     load = os.getloadavg()
     print(
         f"\n{args.small} -> {args.large} images ({extra_mib:.0f} MiB more), {args.images_per_shard} "
@@ -181,6 +198,13 @@ def main() -> None:
             f"{two[2] / two_tar[0]:.2f} write phase, {2 * two_tar[1] / two[1]:.2f} by CPU (2 cores vs "
             f"tar's 1); 1 -> 2 workers: {two[0] / one[0]:.2f}x marginal, {two[2] / one[2]:.2f}x write phase "
             f"({two[0] / two_tar[0] / (one[0] / one_tar[0]):.2f}x against tar in the same minutes)"
+        )
+        scaling = sorted(pair[0] for pair in paired[check])
+        against_tar = sorted(pair[1] for pair in paired[check])
+        print(
+            f"  per repeat (1 and 2 workers back to back): 1 -> 2 workers {statistics.median(scaling):.2f}x "
+            f"median ({', '.join(f'{x:.2f}' for x in scaling)}); 2 workers / tar "
+            f"{statistics.median(against_tar):.2f} median ({', '.join(f'{x:.2f}' for x in against_tar)})"
         )
 
 
