@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.data import partition
 from pipeline.data import shard as shard_stage
 from pipeline.data.coco_source import AnnotationFileError, ImageColumns, is_safe_file_name, safe_file_names
 from pipeline.data.config import DatasetConfig, ShardConfig, ShardStageConfig
@@ -516,3 +517,21 @@ def test_gather_names_of_two_sources_in_merged_order() -> None:
     for block in (1, 3, 64):
         names, offsets = _gather_names([_columns(n) for n in sources], src, pos, block)
         assert [names[a:b].decode() for a, b in itertools.pairwise(offsets.tolist())] == expected
+
+
+@pytest.mark.parametrize("read_size", [1, 5, 64, 1 << 20])
+@pytest.mark.parametrize("max_lines", [1, 2, 100])
+def test_spill_blocks_cut_whole_lines_at_any_read_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read_size: int, max_lines: int
+) -> None:
+    lines = [b'{"id":%d,"pad":"%s"}' % (i, b"x" * (i * 7 % 23)) for i in range(17)]
+    ids = np.arange(17, dtype=np.int64) * 3 - 5
+    spill = (tmp_path / "spill.jsonl", tmp_path / "spill.ids")
+    spill[0].write_bytes(b"".join(line + b"\n" for line in lines))
+    spill[1].write_bytes(ids.tobytes())
+    monkeypatch.setattr(partition, "_SPILL_READ", read_size)
+    blocks = list(partition._spill_blocks(spill, max_lines))
+    assert all(0 < len(block_lines) <= max_lines for block_lines, _ in blocks)
+    assert [line for block_lines, _ in blocks for line in block_lines] == lines
+    assert np.concatenate([block_ids for _, block_ids in blocks]).tolist() == ids.tolist()
+    assert all(len(block_lines) == len(block_ids) for block_lines, block_ids in blocks)

@@ -332,6 +332,7 @@ def _annotation_id(line: bytes) -> int | None:
 
 
 _SPILL_READ = 16 << 20
+"""Bytes of the spill read at a time by ``_spill_blocks`` (the driver holds about twice this)."""
 
 
 def _spill_blocks(spill: tuple[Path, Path], max_lines: int) -> Iterator[tuple[list[bytes], np.ndarray]]:
@@ -343,7 +344,7 @@ def _spill_blocks(spill: tuple[Path, Path], max_lines: int) -> Iterator[tuple[li
         while data := lines_handle.read(_SPILL_READ):
             data = rest + data
             cut = data.rfind(b"\n") + 1
-            lines, rest = data[: max(cut - 1, 0)].split(b"\n") if cut else [], data[cut:]
+            lines, rest = data[: cut - 1].split(b"\n") if cut else [], data[cut:]
             for lo in range(0, len(lines), max_lines):
                 part = lines[lo : lo + max_lines]
                 yield part, np.frombuffer(ids_handle.read(8 * len(part)), dtype=np.int64)
