@@ -174,6 +174,26 @@ def test_verify_finds_a_corrupt_shard(coco_sample_shards: Path, tmp_path: Path) 
     assert not report.ok and len(report.problems) == 1 and victim.name in report.problems[0]
 
 
+def test_sample_json_holds_each_annotation_as_its_source_bytes(ray_session, tmp_path: Path) -> None:
+    """Whitespace between the source's elements (here json.dumps's ", ") is not part of an annotation."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.jpg").write_bytes(_jpeg(64, 48, 1))
+    anns = [
+        {"id": 1, "image_id": 5, "category_id": 1, "bbox": [1, 2, 3, 4]},
+        {"id": 2, "image_id": 5, "category_id": 1, "bbox": [5.5, 6, 7, 8], "iscrowd": 1},
+    ]
+    source = {
+        "images": [{"id": 5, "file_name": "a.jpg", "width": 64, "height": 48}],
+        "annotations": anns,
+        "categories": [{"id": 1, "name": "thing"}],
+    }
+    (tmp_path / "instances.json").write_text(json.dumps(source) + "\n")
+    summary = run_shard(_coco_cfg(tmp_path / "out", tmp_path))
+    (sample,) = _read_split(summary.manifest_path).values()
+    head = b'{"id":5,"file_name":"a.jpg","width":64,"height":48,"annotations":['
+    assert sample["json"] == head + b",".join(json.dumps(a).encode() for a in anns) + b"]}"
+
+
 def test_target_bytes_partition(ray_session, coco_sample: Path, tmp_path: Path) -> None:
     target_mb = 0.2
     summary = run_shard(_coco_cfg(tmp_path, coco_sample, target_shard_mb=target_mb))

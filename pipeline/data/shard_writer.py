@@ -158,8 +158,8 @@ def _read_annotations(
     rejects: list[Reject] = []
     if not os.path.exists(path):
         return by_image, rejects
-    with open(path, "rb") as handle:
-        lines = handle.read().split(b"\n")[:-1]
+    with open(path, "rb") as handle:  # a line keeps the whitespace around it in the source array
+        lines = [line.strip() for line in handle.read().split(b"\n")[:-1]]
     try:
         parsed = parse_values(b",".join(lines))
     except ValueError:
