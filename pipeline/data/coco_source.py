@@ -268,9 +268,9 @@ def _categories(path: Path, data: bytes) -> list[Category]:
     return categories
 
 
-def _annotation_image_ids(found: list[bytes | None]) -> np.ndarray:
-    """The ``image_id`` digits found per annotation as int64; ``MISSING_ID`` where none was found or the
-    value does not fit in 64 bits (no image can have it: image ids must fit)."""
+def _annotation_image_ids(found: list[bytes | int | None]) -> np.ndarray:
+    """The ``image_id`` found per annotation (its digits or its value) as int64; ``MISSING_ID`` where none
+    was found or the value does not fit in 64 bits (no image can have it: image ids must fit)."""
     try:
         return np.fromiter((MISSING_ID if v is None else int(v) for v in found), np.int64, len(found))
     except OverflowError:
@@ -313,9 +313,7 @@ def scan_coco(path: Path, spill: BinaryIO, image_ids: BinaryIO) -> ScannedFile:
                         data = data.replace(b"\n", b" ").replace(b"\r", b" ")  # allowed inside strings)
                     found_ids = _IMAGE_ID.findall(data)
                     if len(found_ids) != event.count:  # some annotation lacks (or repeats) image_id
-                        found_ids = [
-                            next(iter(_IMAGE_ID.findall(raw)), None) for raw in data.split(SEPARATOR)
-                        ]
+                        found_ids = [annotation_image_id(raw) for raw in data.split(SEPARATOR)]
                     ids = _annotation_image_ids(found_ids)
                     spill.write(data.replace(SEPARATOR, b"\n") + b"\n")
                     image_ids.write(ids.tobytes())
