@@ -2,7 +2,7 @@
 
     python benchmarks/train_step.py [--models dino_r50_4scale dino_swinl_4scale] [--sizes 800x1333 1200x2000]
         [--precision bf16] [--checkpointing off on] [--msda fused reference] [--iters 10] [--warmup 3]
-        [--boxes 20] [--device cuda] [--engine plain|deepspeed] [--official DIR] [--json FILE]
+        [--boxes 20] [--device cuda] [--engine plain|deepspeed] [--official DIR] [--json FILE] [--profile K]
 
     # CPU smoke run (checks the script, measures nothing worth comparing):
     python benchmarks/train_step.py --device cpu --models debug --sizes 128x160 --precision fp32 \\
@@ -22,6 +22,8 @@ is its own ``engine.train_one_epoch`` over the same synthetic batch (fp16 AMP as
 0.1, its per-step loss reduction and ``.item()`` logging), with its CUDA MSDA kernel built from
 ``DIR/models/dino/ops`` (patched for current PyTorch by ``kernels.bench``). GPU only: its denoising code
 calls ``.cuda()`` unconditionally, so the CPU smoke run skips it.
+``--profile K`` also profiles three of our steps per configuration (``torch.profiler``) and prints the K
+operators that took the most device time (CPU time on the CPU), and each one's share of the step.
 Swin-L "on" means its ``use_checkpoint``. Reference figures measured on 2026-11-24 on an H100 (fp16 AMP):
 R50 4-scale 4.0-4.2 img/s, 3.9 GiB; Swin-L 4-scale with checkpointing 2.2-2.7 img/s, 6.6 GiB.
 """
@@ -109,6 +111,19 @@ def measure(step: Callable[[], None], device: torch.device, iters: int, warmup: 
     }
 
 
+def profile_table(step: Callable[[], None], device: torch.device, rows: int, steps: int = 3) -> str:
+    """The ``rows`` operators with the most self time on ``device`` over ``steps`` calls of ``step``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60)
+
+
 def our_step(
     name: str, batch: Batch, precision: str, checkpointing: bool, msda: str, device: torch.device, engine: str
 ) -> Callable[[], None]:
@@ -120,7 +135,10 @@ def our_step(
     train = TrainConfig(clip_max_norm=0.1)
     groups, _ = parameter_groups(model, group_rules(train), train.weight_decay)
     optimizer = torch.optim.AdamW(
-        [g.as_torch() for g in groups], lr=train.lr, weight_decay=train.weight_decay
+        [g.as_torch() for g in groups],
+        lr=train.lr,
+        weight_decay=train.weight_decay,
+        fused=device.type == "cuda",
     )
     module = TrainModule(model, build_criterion(cfg)).to(device)
     names = loss_term_names(cfg)
@@ -269,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", default="plain", choices=["plain", "deepspeed"])
     parser.add_argument("--official", type=Path, help="the official DINO repository (scratch copy)")
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "out" / "train_step.json")
+    parser.add_argument("--profile", type=int, default=0, metavar="K", help="print the K costliest ops")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -297,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
                     record(
                         {**common, "variant": f"ours {args.engine} msda={msda} {args.precision}", **result}
                     )
+                    if args.profile:
+                        print(profile_table(step, device, args.profile), flush=True)
                     del step
                     if device.type == "cuda":
                         torch.cuda.empty_cache()

@@ -5,19 +5,25 @@ Supervised outputs: the final decoder layer, every auxiliary layer, the encoder'
 query to the box it was made from; negatives and padding slots learn "no object").
 Losses are summed over boxes and divided by ``num_boxes`` (the caller averages it over ranks).
 
-Legend: B batch, Q queries, K classes.
+The prediction sets of one shape are stacked and scored together, and every set's matched indices reach
+the device in one host-to-device copy: a step launches a few dozen loss kernels instead of a few per set
+and layer (on a GPU, the host's kernel launches bound a DINO step; see benchmarks/RESULTS.md, Training).
+
+Legend: S prediction sets, B batch, Q queries, K classes, M matched (query, box) pairs of all sets.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from dino_core.box_ops import cxcywh_to_xyxy
 from dino_core.detector import DetectorOutput, Prediction
-from dino_core.matcher import HungarianMatcher, Match
+from dino_core.matcher import HungarianMatcher
+
+LOSS_NAMES = ("class", "bbox", "giou")
 
 
 class SetCriterion(nn.Module):
@@ -46,35 +52,42 @@ class SetCriterion(nn.Module):
         self.weights = {"class": weight_class, "bbox": weight_bbox, "giou": weight_giou}
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
 
-    def prediction_losses(
+    def stacked_losses(
         self,
-        prediction: Prediction,
-        targets: list[dict[str, torch.Tensor]],
-        matches: list[Match],
-        num_boxes: torch.Tensor | float,
-    ) -> dict[str, torch.Tensor]:
-        """Unweighted class/bbox/giou losses of one prediction set under a given assignment."""
-        logits, boxes = prediction.logits.float(), prediction.boxes.float()
-        batch = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(matches)])
-        query = torch.cat([q for q, _ in matches])
-        labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, matches)])
-        target_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, matches)]).float()
-        onehot = torch.zeros_like(logits).index_put(
-            (batch, query, labels), torch.ones_like(labels, dtype=logits.dtype)
+        logits: torch.Tensor,
+        boxes: torch.Tensor,
+        pairs: torch.Tensor,
+        labels: torch.Tensor,
+        target_boxes: torch.Tensor,
+        normaliser: torch.Tensor | float,
+    ) -> torch.Tensor:
+        """Unweighted class/bbox/giou losses of S prediction sets under given assignments.
+
+        Args:
+            logits: (S, B, Q, K); boxes: (S, B, Q, 4) cxcywh.
+            pairs: (4, M) int64 rows (set, image, query, target), the target indexing ``labels`` and
+                ``target_boxes``, the batch's targets concatenated: (N,) int64 and (N, 4) cxcywh.
+            normaliser: the divisor of every sum.
+
+        Returns:
+            (S, 3) losses (class, bbox, giou) of each set.
+        """
+        logits, boxes = logits.float(), boxes.float()
+        sets, image, query, target = pairs
+        onehot = torch.zeros_like(logits).index_put_(
+            (sets, image, query, labels[target]), torch.ones((), dtype=logits.dtype, device=logits.device)
         )
-        loss_class = (
-            sigmoid_focal_loss(
-                logits, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum"
-            )
-            / num_boxes
+        focal = sigmoid_focal_loss(logits, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma)
+        matched, wanted = boxes[sets, image, query], target_boxes[target].float()
+        per_pair = torch.stack(
+            [
+                (matched - wanted).abs().sum(-1),
+                generalized_box_iou_loss(cxcywh_to_xyxy(matched), cxcywh_to_xyxy(wanted)),
+            ],
+            1,
         )
-        matched = boxes[batch, query]
-        loss_bbox = F.l1_loss(matched, target_boxes, reduction="sum") / num_boxes
-        loss_giou = (
-            generalized_box_iou_loss(cxcywh_to_xyxy(matched), cxcywh_to_xyxy(target_boxes), reduction="sum")
-            / num_boxes
-        )
-        return {"class": loss_class, "bbox": loss_bbox, "giou": loss_giou}
+        box_losses = per_pair.new_zeros(len(logits), 2).index_add_(0, sets, per_pair)
+        return torch.cat([focal.flatten(1).sum(1, keepdim=True), box_losses], 1) / normaliser
 
     def forward(
         self,
@@ -98,22 +111,66 @@ class SetCriterion(nn.Module):
         counts = [len(t["labels"]) for t in targets]
         if num_boxes is None:
             num_boxes = float(max(sum(counts), 1))
-        sets: list[tuple[str, Prediction]] = [("", outputs.final)]
-        sets += [(f"_{i}", p) for i, p in enumerate(outputs.aux)]
+        offsets = np.cumsum([0, *counts[:-1]])
+        matching: list[tuple[str, Prediction]] = [("", outputs.final)]
+        matching += [(f"_{i}", p) for i, p in enumerate(outputs.aux)]
         if outputs.encoder is not None:
-            sets.append(("_enc", outputs.encoder))
-        all_matches = self.matcher.match_many([(p.logits, p.boxes) for _, p in sets], targets)
-        terms: dict[str, torch.Tensor] = {}
-        for (suffix, prediction), matches in zip(sets, all_matches):
-            for name, value in self.prediction_losses(prediction, targets, matches, num_boxes).items():
-                terms[f"loss_{name}{suffix}"] = value * self.weights[name]
+            matching.append(("_enc", outputs.encoder))
+        assignments = self.matcher.assign([(p.logits, p.boxes) for _, p in matching], targets)
+        # (suffixes, predictions, per set per image (query, target) on the host, normaliser)
+        groups = [([s for s, _ in matching], [p for _, p in matching], assignments, num_boxes)]
         if outputs.denoising is not None:
             dn = outputs.denoising
-            pairs = dn.queries.positive_pairs(counts)
-            dn_boxes = num_boxes * dn.queries.num_groups
-            layers = [("_dn", dn.final)] + [(f"_dn_{i}", p) for i, p in enumerate(dn.aux)]
-            for suffix, prediction in layers:
-                for name, value in self.prediction_losses(prediction, targets, pairs, dn_boxes).items():
-                    terms[f"loss_{name}{suffix}"] = value * self.weights[name]
-        terms["loss"] = torch.stack(list(terms.values())).sum()
+            layers = [dn.final, *dn.aux]
+            positives = [dn.queries.positive_pairs(n) for n in counts]
+            groups.append(
+                (
+                    ["_dn"] + [f"_dn_{i}" for i in range(len(dn.aux))],
+                    layers,
+                    [positives] * len(layers),
+                    num_boxes * dn.queries.num_groups,
+                )
+            )
+        device = outputs.final.logits.device
+        host = [_pair_rows(per_set, offsets) for _, _, per_set, _ in groups]
+        sizes = [rows.shape[1] for rows in host]
+        rows = torch.from_numpy(np.concatenate(host, 1))
+        if device.type == "cuda":
+            rows = rows.pin_memory()
+        pairs = rows.to(device, non_blocking=True).split(sizes, 1)
+        labels = torch.cat([t["labels"] for t in targets])
+        target_boxes = torch.cat([t["boxes"] for t in targets])
+        weights = torch.tensor([self.weights[n] for n in LOSS_NAMES], device=device)
+        terms: dict[str, torch.Tensor] = {}
+        totals = []
+        for (suffixes, predictions, _, normaliser), group_pairs in zip(groups, pairs):
+            losses = (
+                self.stacked_losses(
+                    torch.stack([p.logits for p in predictions]),
+                    torch.stack([p.boxes for p in predictions]),
+                    group_pairs,
+                    labels,
+                    target_boxes,
+                    normaliser,
+                )
+                * weights
+            )
+            values = iter(losses.flatten().unbind())
+            for suffix in suffixes:
+                for name in LOSS_NAMES:
+                    terms[f"loss_{name}{suffix}"] = next(values)
+            totals.append(losses.sum())
+        terms["loss"] = torch.stack(totals).sum()
         return terms
+
+
+def _pair_rows(per_set: list[list[tuple[np.ndarray, np.ndarray]]], offsets: np.ndarray) -> np.ndarray:
+    """(4, M) int64 rows (set, image, query, target in the concatenated targets) of per-set assignments."""
+    columns = [
+        (np.full(len(q), s), np.full(len(q), b), q, t + offsets[b])
+        for s, per_image in enumerate(per_set)
+        for b, (q, t) in enumerate(per_image)
+    ]
+    if not columns:
+        return np.zeros((4, 0), dtype=np.int64)
+    return np.stack([np.concatenate(parts) for parts in zip(*columns)]).astype(np.int64)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -44,15 +45,12 @@ class DenoisingQueries:
         """P."""
         return self.num_groups * self.group_size
 
-    def positive_pairs(self, counts: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per image, (query index, target index) of its positive queries across all groups."""
-        device = self.content.device
-        pairs = []
-        for n in counts:
-            targets = torch.arange(n, device=device).repeat(self.num_groups)
-            groups = torch.arange(self.num_groups, device=device).repeat_interleave(n)
-            pairs.append((groups * self.group_size + targets, targets))
-        return pairs
+    def positive_pairs(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """(query indices, target indices), int64 on the host, of the positive queries of an image with
+        ``count`` boxes across all groups."""
+        targets = np.tile(np.arange(count, dtype=np.int64), self.num_groups)
+        groups = np.repeat(np.arange(self.num_groups, dtype=np.int64), count)
+        return groups * self.group_size + targets, targets
 
 
 def denoising_attn_mask(

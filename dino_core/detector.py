@@ -279,15 +279,22 @@ class DINO(nn.Module):
             # Keeps the label embedding in the graph when a batch has no denoising queries: every
             # parameter must get a gradient on every step for ZeRO's reductions.
             hidden = [hidden[0] + self.label_enc.weight[0, 0] * 0.0, *hidden[1:]]
-        layers = [
-            Prediction(self.class_head(h), (self.box_head(h) + inverse_sigmoid(ref)).sigmoid())
-            for h, ref in zip(hidden, references)
-        ]
+        # The heads are shared by the layers: one call on all layers launches a sixth of the kernels.
+        stacked = torch.stack(hidden)
+        logits = self.class_head(stacked)
+        boxes = (self.box_head(stacked) + inverse_sigmoid(torch.stack(references))).sigmoid()
         split = denoising.num_queries if denoising is not None else 0
-        matching = [Prediction(p.logits[:, split:], p.boxes[:, split:]) for p in layers]
+
+        def per_layer(queries: slice) -> list[Prediction]:
+            return [
+                Prediction(lg, bx)
+                for lg, bx in zip(logits[:, :, queries].unbind(), boxes[:, :, queries].unbind())
+            ]
+
+        matching = per_layer(slice(split, None))
         dn_output = None
         if denoising is not None:
-            dn_layers = [Prediction(p.logits[:, :split], p.boxes[:, :split]) for p in layers]
+            dn_layers = per_layer(slice(None, split))
             dn_output = DenoisingOutput(final=dn_layers[-1], aux=dn_layers[:-1], queries=denoising)
         encoder = None
         if queries.encoder_logits is not None and queries.encoder_boxes is not None:

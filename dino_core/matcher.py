@@ -1,7 +1,7 @@
 """Hungarian matching of predictions to ground truth (costs: focal class 2, L1 5, GIoU 2).
 
 Cost matrices of every prediction set of a step (final, auxiliary, encoder) are computed on the device
-and moved to the host in one transfer; the assignment itself runs in scipy.
+in one batched computation and moved to the host in one transfer; the assignment itself runs in scipy.
 
 Legend: B batch, Q queries, K classes, n_b boxes of image b.
 """
@@ -45,16 +45,16 @@ class HungarianMatcher(nn.Module):
     def costs(
         self, logits: torch.Tensor, boxes: torch.Tensor, targets: list[dict[str, torch.Tensor]]
     ) -> torch.Tensor:
-        """(B, Q, max n_b) cost of assigning each query to each of its image's boxes (padding columns unused).
+        """(..., B, Q, max n_b) cost of assigning each query to each of its image's boxes (padding columns
+        unused).
 
         Args:
-            logits: (B, Q, K); boxes: (B, Q, 4) cxcywh in [0, 1]; targets: per image "labels" (n_b,),
-                "boxes" (n_b, 4).
+            logits: (..., B, Q, K), any leading dimensions (prediction sets); boxes: (..., B, Q, 4) cxcywh
+                in [0, 1]; targets: per image "labels" (n_b,), "boxes" (n_b, 4).
         """
-        q = logits.shape[1]
         max_n = max((len(t["labels"]) for t in targets), default=0)
         if max_n == 0:
-            return logits.new_zeros(logits.shape[0], q, 0)
+            return logits.new_zeros(*logits.shape[:-1], 0)
         labels = pad_sequence([t["labels"] for t in targets], batch_first=True)
         target_boxes = pad_sequence(
             [t["boxes"].float() for t in targets], batch_first=True, padding_value=0.5
@@ -63,49 +63,63 @@ class HungarianMatcher(nn.Module):
         alpha, gamma = self.focal_alpha, self.focal_gamma
         negative = (1 - alpha) * prob**gamma * -(1 - prob + 1e-8).log()
         positive = alpha * (1 - prob) ** gamma * -(prob + 1e-8).log()
-        cost_class = torch.gather(positive - negative, 2, labels[:, None, :].expand(-1, q, -1))
+        index = labels[:, None, :].expand(*logits.shape[:-1], max_n)
+        cost_class = torch.gather(positive - negative, -1, index)
         pred = boxes.float()
-        cost_bbox = torch.cdist(pred, target_boxes, p=1)
+        cost_bbox = torch.cdist(pred, target_boxes.expand(*pred.shape[:-2], max_n, 4), p=1)
         giou = generalized_box_iou(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(target_boxes))
         cost = self.cost_bbox * cost_bbox + self.cost_class * cost_class - self.cost_giou * giou
         # Non-finite predictions still get an assignment; the training loop's guard skips such steps.
         return torch.nan_to_num(cost, nan=1e8, posinf=1e8, neginf=-1e8)
 
     @torch.no_grad()
+    def assign(
+        self, predictions: list[tuple[torch.Tensor, torch.Tensor]], targets: list[dict[str, torch.Tensor]]
+    ) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+        """Assignments of several prediction sets (logits (B, Q, K), boxes (B, Q, 4)), on the host.
+
+        Sets of one shape (in a training step: every decoder layer and the encoder proposals) get their
+        costs in one batched computation and one device-to-host copy.
+
+        Returns:
+            per prediction set, per image, (query indices, target indices) as int64 numpy arrays.
+        """
+        counts = [len(t["labels"]) for t in targets]
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, (logits, _) in enumerate(predictions):
+            by_shape.setdefault(tuple(logits.shape), []).append(i)
+        host: list[np.ndarray | None] = [None] * len(predictions)
+        if max(counts, default=0) > 0:
+            for members in by_shape.values():
+                logits = torch.stack([predictions[i][0] for i in members])
+                boxes = torch.stack([predictions[i][1] for i in members])
+                for i, cost in zip(members, self.costs(logits, boxes, targets).cpu().numpy()):
+                    host[i] = cost
+        empty = np.zeros(0, dtype=np.int64)
+        results = []
+        for cost in host:
+            assignments = []
+            for i, n in enumerate(counts):
+                if n == 0 or cost is None:
+                    assignments.append((empty, empty))
+                    continue
+                rows, cols = linear_sum_assignment(np.ascontiguousarray(cost[i, :, :n]))
+                assignments.append((rows.astype(np.int64), cols.astype(np.int64)))
+            results.append(assignments)
+        return results
+
     def match_many(
         self, predictions: list[tuple[torch.Tensor, torch.Tensor]], targets: list[dict[str, torch.Tensor]]
     ) -> list[list[Match]]:
-        """Match several prediction sets (logits (B, Q, K), boxes (B, Q, 4)) with one device-to-host copy.
-
-        Returns:
-            per prediction set, per image, the (query indices, target indices) of the assignment.
-        """
-        counts = [len(t["labels"]) for t in targets]
+        """:meth:`assign` with the indices as tensors on the predictions' device."""
         device = predictions[0][0].device
-        costs = [self.costs(logits, boxes, targets) for logits, boxes in predictions]
-        if max(counts, default=0) == 0:
-            host = [None] * len(costs)
-        elif all(c.shape == costs[0].shape for c in costs):
-            host = list(torch.stack(costs).cpu().numpy())
-        else:
-            host = [c.cpu().numpy() for c in costs]
-        results = []
-        for cost in host:
-            matches = []
-            for i, n in enumerate(counts):
-                if n == 0:
-                    empty = torch.zeros(0, dtype=torch.long, device=device)
-                    matches.append((empty, empty))
-                    continue
-                rows, cols = linear_sum_assignment(np.ascontiguousarray(cost[i, :, :n]))
-                matches.append(
-                    (
-                        torch.as_tensor(rows, dtype=torch.long, device=device),
-                        torch.as_tensor(cols, dtype=torch.long, device=device),
-                    )
-                )
-            results.append(matches)
-        return results
+        return [
+            [
+                (torch.as_tensor(rows, device=device), torch.as_tensor(cols, device=device))
+                for rows, cols in assignments
+            ]
+            for assignments in self.assign(predictions, targets)
+        ]
 
     def forward(
         self, logits: torch.Tensor, boxes: torch.Tensor, targets: list[dict[str, torch.Tensor]]
