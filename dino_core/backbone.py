@@ -187,6 +187,17 @@ class Backbone(nn.Module):
             if name.split(".")[0] in frozen_prefixes:
                 parameter.requires_grad_(False)
 
+    def _checkpointed_stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        # Block by block, as the official Swin release: recomputing a whole stage in the backward would
+        # hold all its blocks' activations at once (18 blocks in Swin-L's third stage).
+        blocks: nn.Module = stage
+        if self.is_swin:
+            x = stage.downsample(x)
+            blocks = stage.blocks
+        for block in blocks:
+            x = checkpoint(block, x, use_reentrant=False)
+        return x
+
     def _features(self, images: torch.Tensor) -> list[torch.Tensor]:
         # images (B, 3, H, W) of one size -> per returned stage (B, C_l, H_l, W_l)
         if self.is_swin:
@@ -197,7 +208,7 @@ class Backbone(nn.Module):
         x = images
         for name, module in self.body.items():
             if self.checkpointing and name in self.stage_names and self.training and torch.is_grad_enabled():
-                x = checkpoint(module, x, use_reentrant=False)
+                x = self._checkpointed_stage(module, x)
             else:
                 x = module(x)
             if name in self.body.return_layers:

@@ -121,20 +121,35 @@ def test_tiny_model_overfits_two_images(coco_sample) -> None:
     assert min(history[-5:]) < 0.5 * history[0], history
 
 
-def test_activation_checkpointing_gives_the_same_loss_and_gradients(coco_sample) -> None:
+@pytest.mark.parametrize("make", [_tiny, _swin_tiny], ids=["resnet", "swin"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(make, coco_sample, monkeypatch) -> None:
+    import dino_core.backbone
+
+    checkpointed = []
+
+    def counting(function, *args, **kwargs):
+        checkpointed.append(function)
+        return torch.utils.checkpoint.checkpoint(function, *args, **kwargs)
+
+    monkeypatch.setattr(dino_core.backbone, "checkpoint", counting)
     images, sizes, targets = coco_batch(coco_sample, [30], long_side=96)
     results = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        cfg = preset("debug")
+        cfg = make()
         model, criterion = build_dino(cfg).train(), build_criterion(cfg)
         model.set_activation_checkpointing(
             backbone=checkpointing, encoder=checkpointing, decoder=checkpointing
         )
+        checkpointed.clear()
         torch.manual_seed(1)
         loss = criterion(model(images, sizes, targets), targets)["loss"]
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+        # The backbone is checkpointed block by block (a whole stage would be recomputed at once).
+        stages = [model.backbone.body[name] for name in model.backbone.stage_names]
+        blocks = [b for stage in stages for b in (stage.blocks if model.backbone.is_swin else stage)]
+        assert checkpointed == (blocks if checkpointing else [])
     torch.testing.assert_close(results[0][0], results[1][0])
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
