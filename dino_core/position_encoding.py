@@ -54,7 +54,6 @@ def box_sine_encoding(boxes: torch.Tensor, num_feats: int, temperature: float = 
         (..., num_feats * boxes.shape[-1]) fp32 in the order y, x, w, h (the official layout).
     """
     freqs = _frequencies(num_feats, temperature, boxes.device)
-    coords = boxes.float() * (2 * math.pi)
-    parts = [_interleave_sin_cos(coords[..., i, None] / freqs) for i in range(boxes.shape[-1])]
-    parts[0], parts[1] = parts[1], parts[0]
-    return torch.cat(parts, dim=-1)
+    order = [1, 0, *range(2, boxes.shape[-1])]
+    angles = (boxes.float() * (2 * math.pi))[..., order, None] / freqs  # (..., D, num_feats)
+    return _interleave_sin_cos(angles).flatten(-2)

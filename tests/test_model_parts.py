@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from dino_core.config import config_differences, config_from_dict, config_to_dic
 from dino_core.denoising import build_denoising_queries, denoising_attn_mask
 from dino_core.detector import DetectorOutput, Prediction
 from dino_core.matcher import HungarianMatcher
+from dino_core.position_encoding import box_sine_encoding
 from dino_core.presets import preset
 
 
@@ -196,3 +198,15 @@ def test_config_round_trip_and_differences_by_dotted_path() -> None:
     ]
     with pytest.raises(ValueError, match=r"model.backbone: unknown keys \['depth'\]"):
         config_from_dict({**config_to_dict(base), "backbone": {"name": "resnet50", "depth": 50}})
+
+
+@pytest.mark.parametrize("coords", [4, 2])
+def test_box_sine_encoding_hand_computed(coords: int) -> None:
+    boxes = torch.rand(2, 5, coords)
+    encoding = box_sine_encoding(boxes, 8, temperature=10000.0)
+    assert encoding.shape == (2, 5, 8 * coords)
+    freqs = 10000.0 ** (2 * (torch.arange(8) // 2) / 8)
+    for slot, coordinate in enumerate([1, 0, 2, 3][:coords]):  # the official order: y, x, w, h
+        angles = boxes[..., coordinate, None] * 2 * math.pi / freqs
+        expected = torch.where(torch.arange(8) % 2 == 0, angles.sin(), angles.cos())
+        torch.testing.assert_close(encoding[..., slot * 8 : (slot + 1) * 8], expected)
