@@ -1,12 +1,12 @@
 """One training step on one device: images/s and peak memory; ours, with the MSDA reference, and the official.
 
     python benchmarks/train_step.py [--models dino_r50_4scale dino_swinl_4scale] [--sizes 800x1333 1200x2000]
-        [--precision bf16] [--checkpointing off on] [--msda fused reference] [--iters 10] [--warmup 3]
+        [--precision bf16] [--checkpointing off backbone] [--msda fused reference] [--iters 10] [--warmup 3]
         [--boxes 20] [--device cuda] [--engine plain|deepspeed] [--official DIR] [--json FILE] [--profile K]
 
     # CPU smoke run (checks the script, measures nothing worth comparing):
     python benchmarks/train_step.py --device cpu --models debug --sizes 128x160 --precision fp32 \\
-        --checkpointing off on --msda reference fused --iters 3 --warmup 1
+        --checkpointing off backbone all --msda reference fused --iters 3 --warmup 1
 
 One image per step (batch 1, the paper's recipe per GPU), random weights, a random normalised image of the
 given size and ``--boxes`` random boxes. "ours" is the training stage's step (``pipeline.train.step``: crowd
@@ -24,8 +24,10 @@ is its own ``engine.train_one_epoch`` over the same synthetic batch (fp16 AMP as
 calls ``.cuda()`` unconditionally, so the CPU smoke run skips it.
 ``--profile K`` also profiles three of our steps per configuration (``torch.profiler``) and prints the K
 operators that took the most device time (CPU time on the CPU), and each one's share of the step.
-Swin-L "on" means its ``use_checkpoint``. Reference figures measured on 2026-11-24 on an H100 (fp16 AMP):
-R50 4-scale 4.0-4.2 img/s, 3.9 GiB; Swin-L 4-scale with checkpointing 2.2-2.7 img/s, 6.6 GiB.
+``--checkpointing``: ``off``; ``backbone`` (the training presets' setting, and what the official
+``use_checkpoint`` does: block by block in the backbone; the official step runs with it for both this and
+``all``); ``all`` (backbone, encoder and decoder). Reference figures measured on 2026-11-24 on an H100
+(fp16 AMP): R50 4-scale 4.0-4.2 img/s, 3.9 GiB; Swin-L 4-scale with checkpointing 2.2-2.7 img/s, 6.6 GiB.
 """
 
 from __future__ import annotations
@@ -125,13 +127,15 @@ def profile_table(step: Callable[[], None], device: torch.device, rows: int, ste
 
 
 def our_step(
-    name: str, batch: Batch, precision: str, checkpointing: bool, msda: str, device: torch.device, engine: str
+    name: str, batch: Batch, precision: str, checkpointing: str, msda: str, device: torch.device, engine: str
 ) -> Callable[[], None]:
     """The training stage's step for preset ``name`` (see the module docstring)."""
     cfg = replace(preset(name), msda=msda)
     torch.manual_seed(0)
     model = build_dino(cfg)
-    model.set_activation_checkpointing(backbone=checkpointing, encoder=checkpointing, decoder=checkpointing)
+    model.set_activation_checkpointing(
+        backbone=checkpointing != "off", encoder=checkpointing == "all", decoder=checkpointing == "all"
+    )
     train = TrainConfig(clip_max_norm=0.1)
     groups, _ = parameter_groups(model, group_rules(train), train.weight_decay)
     optimizer = torch.optim.AdamW(
@@ -276,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=["dino_r50_4scale", "dino_swinl_4scale"])
     parser.add_argument("--sizes", nargs="+", default=["800x1333", "1200x2000"], help="HxW per step")
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
-    parser.add_argument("--checkpointing", nargs="+", default=["off", "on"], choices=["off", "on"])
+    parser.add_argument(
+        "--checkpointing", nargs="+", default=["off", "backbone"], choices=["off", "backbone", "all"]
+    )
     parser.add_argument(
         "--msda", nargs="+", default=["fused", "reference"], choices=["fused", "reference", "auto"]
     )
@@ -296,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     def record(row: dict[str, Any]) -> None:
         rows.append(row)
         print(
-            f"{row['model']:<18} {row['size']:>9} ckpt {row['checkpointing']:<3} {row['variant']:<24} "
+            f"{row['model']:<18} {row['size']:>9} ckpt {row['checkpointing']:<8} {row['variant']:<24} "
             f"{row['images_per_s']:7.3f} img/s  {row['peak_memory_gib']:6.2f} GiB  "
             f"(median step {row['median_step_s']:.3f} s)",
             flush=True,
@@ -309,9 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             for checkpointing in args.checkpointing:
                 common = {"model": name, "size": size, "checkpointing": checkpointing}
                 for msda in args.msda:
-                    step = our_step(
-                        name, batch, args.precision, checkpointing == "on", msda, device, args.engine
-                    )
+                    step = our_step(name, batch, args.precision, checkpointing, msda, device, args.engine)
                     result = measure(step, device, args.iters, args.warmup)
                     record(
                         {**common, "variant": f"ours {args.engine} msda={msda} {args.precision}", **result}
@@ -325,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
                     print("official step: skipped (its denoising code only runs on CUDA)", flush=True)
                 elif args.official is not None and name in OFFICIAL_CONFIGS:
                     epoch = official_step(
-                        args.official, name, batch, checkpointing == "on", device, args.iters
+                        args.official, name, batch, checkpointing != "off", device, args.iters
                     )
                     epoch()  # warm-up: one epoch of --iters steps
                     result = measure(epoch, device, 1, 0)
