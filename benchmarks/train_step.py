@@ -13,7 +13,8 @@ given size and ``--boxes`` random boxes. "ours" is the training stage's step (``
 filter, copy, box count, forward + loss under autocast, one finiteness read, backward, clipping 0.1, AdamW
 with the recipe's parameter groups) for each ``--msda`` implementation (``fused``: the kernels package's op,
 ``reference``: the pure-PyTorch spec). ``--engine deepspeed`` runs the same step through the stage's
-DeepSpeed engine (ZeRO-2, one process), where DeepSpeed is installed; ``plain`` uses torch's AdamW and
+DeepSpeed engine at ZeRO-2 in one process (the per-rank work of a multi-GPU run; a single-rank stage
+runs at stage 0, see ``effective_zero_stage``), where DeepSpeed is installed; ``plain`` uses torch's AdamW and
 ``clip_grad_norm_`` directly (needs torch, timm and this repository only). ``--precision bf16`` is
 autocast bf16 with fp32 weights (the stage's ``bf16``); ``fp16`` is autocast fp16 with a GradScaler.
 

@@ -37,6 +37,7 @@ from pipeline.train.engine import (
     PrecisionError,
     _zero3_resident,
     deepspeed_config,
+    effective_zero_stage,
     resolve_precision,
 )
 from pipeline.train.optim import (
@@ -217,6 +218,23 @@ def test_deepspeed_config() -> None:
     assert offload["zero_optimization"]["offload_param"]["device"] == "cpu"
     with pytest.raises(ValueError, match="resolved"):
         deepspeed_config(DeepSpeedConfig(), train, "auto")
+
+
+@pytest.mark.parametrize(
+    ("ds", "world_size", "precision", "expected"),
+    [
+        (DeepSpeedConfig(zero_stage=2), 1, "bf16", 0),
+        (DeepSpeedConfig(zero_stage=1), 1, "fp32", 0),
+        (DeepSpeedConfig(zero_stage=0), 1, "fp32", 0),
+        (DeepSpeedConfig(zero_stage=2), 2, "bf16", 2),
+        (DeepSpeedConfig(zero_stage=3), 1, "bf16", 3),
+        (DeepSpeedConfig(zero_stage=2, offload_optimizer=True), 1, "bf16", 2),
+        (DeepSpeedConfig(zero_stage=2, precision="fp16"), 1, "fp16", 2),
+    ],
+)
+def test_effective_zero_stage(ds: DeepSpeedConfig, world_size: int, precision: str, expected: int) -> None:
+    # One rank has nothing to partition, except what stage 3 and offloading move off the device.
+    assert effective_zero_stage(ds, world_size, precision) == expected
 
 
 def test_resolve_precision_on_the_cpu() -> None:
@@ -466,6 +484,11 @@ def test_check_resumable() -> None:
     ]:
         with pytest.raises(IncompatibleRunError, match=message):
             check_resumable(saved, changed, Path("out/checkpoints"))
+    # The ZeRO stage fixes the checkpoint files' layout; states written before it was recorded pass.
+    with pytest.raises(IncompatibleRunError, match="ZeRO stage 2 -> 0"):
+        check_resumable(_state(zero_stage=2), _state(zero_stage=0), Path("out/checkpoints"))
+    check_resumable(_state(zero_stage=None), _state(zero_stage=0), Path("out/checkpoints"))
+    check_resumable(_state(zero_stage=3), _state(zero_stage=3), Path("out/checkpoints"))
 
 
 def test_train_state_json_round_trip(tmp_path: Path) -> None:

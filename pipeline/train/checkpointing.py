@@ -84,6 +84,9 @@ class TrainState:
     classes: list[dict[str, Any]]
     """The training class table (``id``, ``name``)."""
     ema: bool = False
+    zero_stage: int | None = None
+    """The ZeRO stage the run used (its checkpoint files' layout); None in states written before it was
+    recorded."""
     metrics: dict[str, Any] = field(default_factory=dict)
     """The last evaluation's metrics (flat), if any."""
     format: str = STATE_FORMAT
@@ -155,7 +158,8 @@ def check_resumable(saved: TrainState, current: TrainState, where: Path) -> None
     Raises:
         IncompatibleRunError: another stage, architecture or class table (:func:`check_same_run`), or
             another world size / batch size / data workers / seed / accumulation / epoch length (the data
-            position and the ZeRO partitions are defined for those).
+            position and the ZeRO partitions are defined for those) / ZeRO stage (the checkpoint files'
+            layout).
     """
     check_same_run(saved, current.stage, current.model, current.classes, where)
     changed = [
@@ -163,6 +167,8 @@ def check_resumable(saved: TrainState, current: TrainState, where: Path) -> None
         for k in _RESUME_INVARIANTS
         if getattr(saved, k) != getattr(current, k)
     ]
+    if saved.zero_stage is not None and saved.zero_stage != current.zero_stage:
+        changed.append(f"ZeRO stage {saved.zero_stage} -> {current.zero_stage}")
     if changed:
         raise IncompatibleRunError(
             f"cannot resume {where} with a different {', '.join(changed)}: the data position and the "

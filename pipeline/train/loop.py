@@ -102,7 +102,7 @@ class Trainer:
     ) -> None:
         self.cfg, self.model_cfg, self.classes, self.val = cfg, model_cfg, plan_classes, val
         self.info, self.engine, self.loader, self.checkpoints = info, engine, loader, checkpoints
-        self.state, self.zero_stage = state, cfg.deepspeed.zero_stage
+        self.state, self.zero_stage = state, engine.zero_stage
         self.tracker: Tracker = NullTracker()
         """Where metrics go on rank 0 (set by the stage once its tracking run is open)."""
         self.out = Path(cfg.out)

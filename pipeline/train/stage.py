@@ -48,6 +48,7 @@ from pipeline.train.engine import (
     Engine,
     PrecisionError,
     deepspeed_config,
+    effective_zero_stage,
     init_distributed,
     resolve_precision,
 )
@@ -140,6 +141,14 @@ def run_training(cfg: TrainStageConfig) -> TrainResult:
     info = init_distributed()
     _setup_logging(info.rank)
     precision = resolve_precision(cfg.deepspeed.precision, info.device)
+    zero_stage = effective_zero_stage(cfg.deepspeed, info.world_size, precision)
+    if zero_stage != cfg.deepspeed.zero_stage:
+        log.info(
+            "one rank: ZeRO-%d has nothing to partition, DeepSpeed runs at stage 0 (the same updates, less "
+            "work per step)",
+            cfg.deepspeed.zero_stage,
+        )
+    ds_config = dataclasses.replace(cfg.deepspeed, zero_stage=zero_stage)
     plan = plan_data(cfg)
     model_cfg = dataclasses.replace(cfg.model, num_classes=plan.num_classes)
     if cfg.model.num_classes != plan.num_classes:
@@ -185,6 +194,7 @@ def run_training(cfg: TrainStageConfig) -> TrainResult:
         model=config_to_dict(model_cfg),
         classes=plan.classes,
         ema=cfg.train.ema.enabled,
+        zero_stage=zero_stage,
     )
     if tag is not None:
         saved = checkpoints.read_state(tag)
@@ -227,7 +237,7 @@ def run_training(cfg: TrainStageConfig) -> TrainResult:
     )
     log.info(
         "DeepSpeed ZeRO-%d, %s, %d rank(s), device %s, micro-batch %d x %d accumulation",
-        cfg.deepspeed.zero_stage,
+        zero_stage,
         precision,
         info.world_size,
         info.device,
@@ -237,7 +247,7 @@ def run_training(cfg: TrainStageConfig) -> TrainResult:
     engine = Engine(
         TrainModule(model, criterion).to(info.device),
         optimizer,
-        deepspeed_config(cfg.deepspeed, cfg.train, precision),
+        deepspeed_config(ds_config, cfg.train, precision),
         precision,
     )
     trainer = Trainer(
