@@ -144,8 +144,8 @@ def run_training(cfg: TrainStageConfig) -> TrainResult:
     zero_stage = effective_zero_stage(cfg.deepspeed, info.world_size, precision)
     if zero_stage != cfg.deepspeed.zero_stage:
         log.info(
-            "one rank: ZeRO-%d has nothing to partition, DeepSpeed runs at stage 0 (the same updates, less "
-            "work per step)",
+            "one rank: ZeRO-%d has nothing to partition, DeepSpeed runs at stage 0 (the same update rule, "
+            "less work per step)",
             cfg.deepspeed.zero_stage,
         )
     ds_config = dataclasses.replace(cfg.deepspeed, zero_stage=zero_stage)
