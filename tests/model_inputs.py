@@ -47,3 +47,17 @@ def coco_batch(
     for i, t in enumerate(tensors):
         batch[i, :, : t.shape[1], : t.shape[2]] = t
     return batch, torch.tensor(sizes), targets
+
+
+def random_targets(counts: list[int], seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Per image ``counts[i]`` random labels in 0..6 and cxcywh boxes inside the image."""
+    g = torch.Generator().manual_seed(seed)
+    return [
+        {
+            "labels": torch.randint(0, 7, (n,), generator=g),
+            "boxes": torch.cat(
+                [torch.rand(n, 2, generator=g) * 0.6 + 0.2, torch.rand(n, 2, generator=g) * 0.2 + 0.05], 1
+            ),
+        }
+        for n in counts
+    ]

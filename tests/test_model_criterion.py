@@ -5,25 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from model_inputs import random_targets
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from dino_core import build_criterion, build_dino, preset
 from dino_core.box_ops import cxcywh_to_xyxy
 from dino_core.criterion import SetCriterion
 from dino_core.detector import DetectorOutput, Prediction
-
-
-def _targets(counts: list[int], seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    return [
-        {
-            "labels": torch.randint(0, 7, (n,), generator=g),
-            "boxes": torch.cat(
-                [torch.rand(n, 2, generator=g) * 0.6 + 0.2, torch.rand(n, 2, generator=g) * 0.2 + 0.05], 1
-            ),
-        }
-        for n in counts
-    ]
 
 
 def _one_set(
@@ -79,7 +67,7 @@ def test_criterion_equals_the_per_set_reference(counts: list[int]) -> None:
     torch.manual_seed(0)
     cfg = preset("debug")
     model, criterion = build_dino(cfg).train(), build_criterion(cfg)
-    targets = _targets(counts)
+    targets = random_targets(counts)
     outputs = model(torch.randn(len(counts), 3, 64, 80), torch.tensor([[64, 80]] * len(counts)), targets)
     assert (outputs.denoising is not None) == (sum(counts) > 0)
     got, want = criterion(outputs, targets), _reference(criterion, outputs, targets)

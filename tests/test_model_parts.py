@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from model_inputs import random_targets
 from torchvision.ops import generalized_box_iou
 
 from dino_core.atd import anchor_distances, average_top_k_distance
@@ -38,31 +39,18 @@ def test_giou_hand_computed() -> None:
     torch.testing.assert_close(generalized_box_iou(a, b), expected)
 
 
-def _targets(counts: list[int], seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    return [
-        {
-            "labels": torch.randint(0, 7, (n,), generator=g),
-            "boxes": torch.cat(
-                [torch.rand(n, 2, generator=g) * 0.6 + 0.2, torch.rand(n, 2, generator=g) * 0.2 + 0.05], 1
-            ),
-        }
-        for n in counts
-    ]
-
-
 def test_matcher_batched_equals_per_image_and_handles_empty() -> None:
     torch.manual_seed(0)
     matcher = HungarianMatcher(2.0, 5.0, 2.0)
     logits, boxes = torch.randn(3, 12, 7), torch.rand(3, 12, 4) * 0.5 + 0.1
-    targets = _targets([4, 0, 1])
+    targets = random_targets([4, 0, 1])
     batched = matcher(logits, boxes, targets)
     for i, t in enumerate(targets):
         alone = matcher(logits[i : i + 1], boxes[i : i + 1], [t])[0]
         assert torch.equal(batched[i][0], alone[0]) and torch.equal(batched[i][1], alone[1])
     assert batched[1][0].numel() == 0 and batched[1][1].numel() == 0
     assert len(batched[0][0]) == 4 and sorted(batched[0][1].tolist()) == [0, 1, 2, 3]
-    assert matcher(logits, boxes, _targets([0, 0, 0]))[2][0].numel() == 0
+    assert matcher(logits, boxes, random_targets([0, 0, 0]))[2][0].numel() == 0
 
 
 def test_matcher_picks_the_obvious_assignment() -> None:
@@ -80,14 +68,14 @@ def test_matcher_picks_the_obvious_assignment() -> None:
 
 def test_matcher_survives_non_finite_predictions() -> None:
     logits = torch.full((1, 5, 7), float("nan"))
-    matches = HungarianMatcher(2.0, 5.0, 2.0)(logits, torch.rand(1, 5, 4), _targets([2]))
+    matches = HungarianMatcher(2.0, 5.0, 2.0)(logits, torch.rand(1, 5, 4), random_targets([2]))
     assert len(matches[0][0]) == 2
 
 
 @pytest.mark.parametrize("contrastive", [True, False])
 def test_denoising_queries_structure_and_noise_bounds(contrastive: bool) -> None:
     torch.manual_seed(0)
-    targets = _targets([3, 1, 0])
+    targets = random_targets([3, 1, 0])
     embedding = torch.nn.Embedding(8, 16)
     dn = build_denoising_queries(
         targets,
