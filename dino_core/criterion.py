@@ -50,6 +50,10 @@ class SetCriterion(nn.Module):
         self.num_classes = num_classes
         self.matcher = matcher
         self.weights = {"class": weight_class, "bbox": weight_bbox, "giou": weight_giou}
+        # On the module's device, so that a step copies no weights to it.
+        self.register_buffer(
+            "weight_vector", torch.tensor([self.weights[n] for n in LOSS_NAMES]), persistent=False
+        )
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
 
     def stacked_losses(
@@ -140,21 +144,17 @@ class SetCriterion(nn.Module):
         pairs = rows.to(device, non_blocking=True).split(sizes, 1)
         labels = torch.cat([t["labels"] for t in targets])
         target_boxes = torch.cat([t["boxes"] for t in targets])
-        weights = torch.tensor([self.weights[n] for n in LOSS_NAMES], device=device)
         terms: dict[str, torch.Tensor] = {}
         totals = []
         for (suffixes, predictions, _, normaliser), group_pairs in zip(groups, pairs):
-            losses = (
-                self.stacked_losses(
-                    torch.stack([p.logits for p in predictions]),
-                    torch.stack([p.boxes for p in predictions]),
-                    group_pairs,
-                    labels,
-                    target_boxes,
-                    normaliser,
-                )
-                * weights
-            )
+            losses = self.stacked_losses(
+                torch.stack([p.logits for p in predictions]),
+                torch.stack([p.boxes for p in predictions]),
+                group_pairs,
+                labels,
+                target_boxes,
+                normaliser,
+            ) * self.weight_vector.to(device)
             values = iter(losses.flatten().unbind())
             for suffix in suffixes:
                 for name in LOSS_NAMES:
