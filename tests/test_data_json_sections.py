@@ -6,6 +6,7 @@ import io
 import json
 import math
 import random
+import threading
 
 import numpy as np
 import pytest
@@ -104,6 +105,37 @@ def test_malformed_structure(text: str, message: str) -> None:
     for chunk_size in (3, 1 << 16):
         with pytest.raises(JSONStructureError, match=message):
             _collect(text, chunk_size)
+
+
+class _ReaderRecordingFile(io.BytesIO):
+    """A file that records which threads read it."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.readers: set[int] = set()
+
+    def read(self, size: int | None = -1) -> bytes:
+        self.readers.add(threading.get_ident())
+        return super().read(size)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 8, 9, 64])
+@pytest.mark.parametrize(
+    ("tail", "valid"), [(b"", True), (b"\n", True), (b" \r\n\t \n", True), (b"\n x", False), (b" {}", False)]
+)
+def test_what_follows_the_object_is_read_by_the_read_ahead_thread_alone(
+    chunk_size: int, tail: bytes, valid: bool
+) -> None:
+    """Only whitespace may follow the object, wherever a chunk ends ('}' ends the first 8-byte one); one
+    thread reads the file, so the bytes hashed through it stay in file order and none is skipped."""
+    handle = _ReaderRecordingFile(b'{"a": 1}' + tail)
+    events = scan(handle, frozenset({"a"}), frozenset(), chunk_size=chunk_size)
+    if valid:
+        assert [e for e in events if isinstance(e, tuple) and e[0] == ""][-1] == ("", 8 + len(tail))
+    else:
+        with pytest.raises(JSONStructureError, match=r"after the end|one object"):
+            list(events)
+    assert len(handle.readers) == 1 and threading.get_ident() not in handle.readers
 
 
 @pytest.mark.parametrize("chunk_size", [1, 4, 1 << 16])

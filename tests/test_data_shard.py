@@ -282,12 +282,13 @@ def make_o365_fixture(root: Path) -> None:
         "annotations": train_annotations,
         "categories": categories,
     }
-    # Val images in file order 203, 201, 204, 202: the holdout takes the lowest ids, 201 and 202.
+    # Val images in file order 203, 201, 204, 202: the holdout takes the lowest ids, 201 and 202. Listed
+    # again: 201 (a repeat in val) and 204 (a repeat in train, which takes it).
     val_images = [image(i, 2, 3) for i in (203, 201, 204, 202)]
     for record in val_images:
         write(record, _jpeg(64, 48, record["id"]))
     val = {
-        "images": val_images,
+        "images": [*val_images, image(204, 2, 3), image(201, 2, 3)],
         "annotations": [ann(20 + i, i, [1.0, 2.0, 3.0, 4.0]) for i in (201, 202, 203, 204)],
         "categories": categories,
     }
@@ -324,12 +325,14 @@ def test_objects365_faults(ray_session, tmp_path: Path) -> None:
         (104, None, "undecodable_image"),
         (105, None, "unsafe_file_name"),
         (107, None, "size_mismatch"),
+        (204, None, "duplicate_image_id"),
         (999, 10, "unknown_image"),
     }
     assert len(manifest.rejects) == len(got)
     assert manifest.reject_counts == {
         "box_clipped": 1,
         "duplicate_annotation": 1,
+        "duplicate_image_id": 1,
         "malformed_annotation": 2,
         "missing_image": 1,
         "non_finite_box": 1,
@@ -355,10 +358,16 @@ def test_objects365_faults(ray_session, tmp_path: Path) -> None:
         str(root / "zhiyuan_objv2_val.json"),
     ]
 
+    # Train lists 7 images from its file and 3 from val's (203, 204 and 204 again); 6 are rejected.
+    assert (summary.rejects.images_listed, summary.rejects.images_rejected) == (10, 6)
+
     val = run_shard(_o365_cfg(root, tmp_path / "out", "val", 1.0))
     val_samples = _read_split(val.manifest_path)
     assert sorted(int(k) for k in val_samples) == [201, 202]
-    assert load_manifest(val.manifest_path).rejects == []
+    assert [(r.image_id, r.reason) for r in load_manifest(val.manifest_path).rejects] == [
+        (201, "duplicate_image_id")
+    ]
+    assert (val.rejects.images_listed, val.rejects.images_rejected) == (3, 1)
 
 
 def test_reject_fraction_fails_with_summary(ray_session, tmp_path: Path) -> None:
@@ -368,7 +377,7 @@ def test_reject_fraction_fails_with_summary(ray_session, tmp_path: Path) -> None
     with pytest.raises(RejectFractionExceeded) as failure:
         run_shard(cfg)
     text = str(failure.value)
-    assert "max_reject_fraction=0.2" in text and "rejected 5 of 9 images" in text
+    assert "max_reject_fraction=0.2" in text and "rejected 6 of 10 images" in text
     assert "missing_image: 1" in text and "undecodable_image: 2" in text
     assert not (cfg.split_dir / "manifest.json").exists()
 

@@ -202,6 +202,12 @@ def scan(
     element_open = False
     elements_seen = commas_seen = 0
     for chunk, arr, quotes, structural in _read_ahead(handle, chunk_size):
+        if root_closed:  # only whitespace may follow the top-level object
+            if chunk.strip(_WHITESPACE):
+                raise JSONStructureError(f"data after the end of the top-level object (byte {offset})")
+            offset += len(chunk)
+            yield ("", offset)
+            continue
         if SEPARATOR in chunk:  # JSON has no raw control characters; this one joins elements below
             position = offset + chunk.index(SEPARATOR)
             raise JSONStructureError(f"a raw control character (0x1e) at byte {position}")
@@ -330,9 +336,10 @@ def scan(
         trailing = _trailing_backslashes(chunk)
         backslashes = (trailing + (backslashes if trailing == len(chunk) else 0)) if in_string else 0
         if root_closed:
-            rest = chunk[int(structural[np.flatnonzero(after == 0)[-1]]) + 1 :]
-            if rest.strip(_WHITESPACE) or handle.read(1).strip(_WHITESPACE):
-                raise JSONStructureError("data after the end of the top-level object")
+            # The rest of the file comes in later chunks: the read-ahead thread owns ``handle``.
+            end = int(structural[np.flatnonzero(after == 0)[-1]]) + 1
+            if chunk[end:].strip(_WHITESPACE):
+                raise JSONStructureError(f"data after the end of the top-level object (byte {offset + end})")
         tail = (tail + chunk)[-4096:]
         offset += len(chunk)
         yield ("", offset)

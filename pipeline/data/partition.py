@@ -37,7 +37,7 @@ from pipeline.data.coco_source import (
 from pipeline.data.config import ShardStageConfig
 from pipeline.data.manifest import AnnotationFile, Category, Reject
 
-PLAN_VERSION = 2
+PLAN_VERSION = 3
 STAGING_PREFIX = ".staging-"
 
 
@@ -111,11 +111,19 @@ def staging_dir(split_dir: Path, fingerprint: str) -> Path:
 
 
 def _select(columns: ImageColumns, source: SourceFile) -> tuple[np.ndarray, list[Reject]]:
-    """Positions (file order) of the images this source contributes, and image rejects."""
+    """Positions (file order) of the images this source contributes, and the rejects of the other
+    listings in this split's id range: repeats of its ids and unsafe file names. Together they are every
+    listing the split takes from the source."""
     order = np.argsort(columns.ids, kind="stable")
     sorted_ids = columns.ids[order]
     first = np.ones(len(order), dtype=bool)
     first[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    unique = order[first]
+    keep_hi = len(unique) if source.keep_lowest is None else source.keep_lowest
+    chosen = unique[source.skip_lowest : keep_hi]
+    # A repeat belongs to the split that takes its id (Objects365's val file feeds two splits).
+    repeats = order[~first]
+    repeats = repeats[np.isin(columns.ids[repeats], columns.ids[chosen])]
     rejected = [
         Reject(
             int(columns.ids[i]),
@@ -123,11 +131,8 @@ def _select(columns: ImageColumns, source: SourceFile) -> tuple[np.ndarray, list
             None,
             f"image id listed again in {source.annotations.name}",
         )
-        for i in order[~first]
+        for i in repeats
     ]
-    unique = order[first]
-    keep_hi = len(unique) if source.keep_lowest is None else source.keep_lowest
-    chosen = unique[source.skip_lowest : keep_hi]
     safe = safe_file_names(columns, chosen)
     rejected += [
         Reject(
@@ -242,7 +247,7 @@ def build_plan(cfg: ShardStageConfig, sources: list[SourceFile]) -> Plan:
         categories = scanned.categories
         annotation_files.append(AnnotationFile(str(source.annotations), scanned.sha256))
         chosen, source_rejects = _select(scanned.images, source)
-        images_listed += len(chosen) + sum(r.reason == R.UNSAFE_FILE_NAME for r in source_rejects)
+        images_listed += len(chosen) + len(source_rejects)
         rejects += source_rejects
         columns_list.append(scanned.images)
         chosen_list.append(chosen)
