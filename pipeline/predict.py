@@ -2,7 +2,9 @@
 
 ``python -m pipeline predict model=<preset> checkpoint=<file.pth | model dir> images=<dir> output=<file.json>
 [draw=true]`` writes a COCO results list (``file_name``, ``category_id``, ``bbox`` [x, y, w, h] in the
-original image's pixels, ``score``; ``num_select`` per image) and, with ``draw``, a PNG per image.
+original image's pixels, ``score``; at most ``num_select`` per image: a label that is not a category of the
+checkpoint's class table, such as the gaps in COCO's ids, is dropped and counted) and, with ``draw``, a PNG
+per image.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ class PredictConfig:
     """The preset of an official checkpoint (``model=<preset>``); our model directories carry their own.
     Typed ``Any`` so that Hydra can leave it empty; checked as a :class:`DINOConfig` below."""
     draw: bool = False
-    """Also write ``<output stem>_drawn/<image>.png`` with the detections above ``draw_threshold``."""
+    """Also write ``<output stem>_drawn/<image file name>.png``, the detections above ``draw_threshold``."""
     draw_threshold: float = 0.3
     short_side: int = 800
     max_size: int = 1333
@@ -95,8 +97,9 @@ def pick_device(name: str) -> torch.device:
 
 
 @torch.no_grad()
-def predict(cfg: PredictConfig) -> list[dict[str, object]]:
-    """Run the detector on every image of ``cfg.images`` and return the COCO results records."""
+def predict(cfg: PredictConfig) -> tuple[list[dict[str, object]], int]:
+    """Run the detector on every image of ``cfg.images``; returns the COCO results records and how many
+    detections were dropped for a label outside the checkpoint's class table."""
     paths = list_images(Path(cfg.images))
     device = pick_device(cfg.device)
     model, card = load_checkpoint(Path(cfg.checkpoint), cfg.model, device)
@@ -104,9 +107,10 @@ def predict(cfg: PredictConfig) -> list[dict[str, object]]:
     transform = eval_transform(cfg.short_side, cfg.max_size)
     draw_dir = Path(cfg.output).with_name(f"{Path(cfg.output).stem}_drawn")
     records: list[dict[str, object]] = []
+    dropped = 0
     start = time.monotonic()
     for index, path in enumerate(paths, 1):
-        image = decode_rgb(path.read_bytes(), path.suffix.lower().lstrip("."))
+        image = decode_rgb(path.read_bytes())
         height, width = image.shape[-2:]
         empty = make_target(
             torch.zeros(0, 4),
@@ -123,6 +127,9 @@ def predict(cfg: PredictConfig) -> list[dict[str, object]]:
         for score, label, box in zip(
             detections["scores"].tolist(), detections["labels"].tolist(), detections["boxes"].tolist()
         ):
+            if label not in names:
+                dropped += 1
+                continue
             x1, y1, x2, y2 = box
             image_records.append(
                 {
@@ -135,17 +142,21 @@ def predict(cfg: PredictConfig) -> list[dict[str, object]]:
         records.extend(image_records)
         if cfg.draw:
             draw_detections(
-                image, image_records, [], names, cfg.draw_threshold, draw_dir / f"{path.stem}.png"
+                image, image_records, [], names, cfg.draw_threshold, draw_dir / f"{path.name}.png"
             )
         rate = index / (time.monotonic() - start)
         eta = (len(paths) - index) / rate
         print(f"predict: {index}/{len(paths)} images, {rate:.2f} images/s, ETA {eta:.0f} s", file=sys.stderr)
-    return records
+    return records, dropped
 
 
 def run(cfg: PredictConfig) -> int:
     """The ``predict`` command."""
-    records = predict(cfg)
+    records, dropped = predict(cfg)
     atomic_write_bytes(Path(cfg.output), json.dumps(records).encode())
-    print(f"predict: wrote {len(records)} detections to {cfg.output}", file=sys.stderr)
+    print(
+        f"predict: wrote {len(records)} detections to {cfg.output} ({dropped} dropped: a label outside the "
+        "checkpoint's class table)",
+        file=sys.stderr,
+    )
     return 0

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import io
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from pipeline.data.collate import TransformedSample, collate
+from pipeline.data.decode import decode_rgb
 from pipeline.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -35,6 +40,26 @@ def _sample(height: int = 240, width: int = 320):
     )
     target = make_target(boxes, torch.tensor([1, 2, 3, 4]), torch.tensor([0, 0, 1, 0]), height, width)
     return image, target
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
+def test_decode_rgb_reads_the_format_from_the_bytes(mode: str) -> None:
+    """A PNG decodes whatever its file is called (predict reads folders where a .jpg may be a PNG); a JPEG
+    goes through libjpeg-turbo, within a level or two of PIL's decode of the same bytes."""
+    pixels = np.random.default_rng(0).integers(0, 256, (13, 17, len(mode)), dtype=np.uint8)
+    image = Image.fromarray(pixels[..., 0] if mode == "L" else pixels, mode)
+    rgb = torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
+    png = io.BytesIO()
+    image.save(png, format="PNG")
+    assert torch.equal(decode_rgb(png.getvalue()), rgb)
+    if mode != "RGBA":
+        jpeg = io.BytesIO()
+        image.save(jpeg, format="JPEG", quality=95)
+        decoded = decode_rgb(jpeg.getvalue())
+        with Image.open(io.BytesIO(jpeg.getvalue())) as reread:
+            reference = torch.from_numpy(np.asarray(reread.convert("RGB")).copy()).permute(2, 0, 1)
+        assert decoded.shape == (3, 13, 17) and decoded.dtype == torch.uint8
+        assert (decoded.int() - reference.int()).abs().max() <= 2
 
 
 def test_flip_twice_is_identity_and_flip_mirrors_boxes() -> None:

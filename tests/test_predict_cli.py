@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,13 @@ from official_fixture import FIXTURE_DIR, IMAGES, MAX_SIZE, SHORT_SIDE, official
 from PIL import Image
 from test_model_official import assert_same_detections
 
+from dino_core.builder import build_dino
+from dino_core.config import config_to_dict
+from dino_core.presets import preset
+from pipeline.checkpoint import ModelCard, save_model
+from pipeline.coco_categories import COCO_CATEGORIES
 from pipeline.data.transforms import eval_transform
+from pipeline.predict import PredictConfig, predict
 
 
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -56,16 +63,17 @@ def test_predict_on_an_official_checkpoint_matches_the_official_code(official_ch
     )
     assert result.returncode == 0, result.stderr
     ours = json.loads(output.read_text())
-    assert len(ours) == len(expected["records"]) == 300 * len(IMAGES)
+    # The official code's top 300 per image, less the labels that are no COCO category (0 and the gaps).
+    table = {int(c["id"]) for c in COCO_CATEGORIES}
+    records = [r for r in expected["records"] if r["category_id"] in table]
+    dropped = len(expected["records"]) - len(records)
+    assert len(expected["records"]) == 300 * len(IMAGES)
+    assert len(ours) == len(records) and f"({dropped} dropped: a label outside" in result.stderr
     for name in IMAGES:
         mine = [(r["category_id"], r["score"], r["bbox"]) for r in ours if r["file_name"] == name]
-        official = [
-            (r["category_id"], r["score"], r["bbox"]) for r in expected["records"] if r["file_name"] == name
-        ]
+        official = [(r["category_id"], r["score"], r["bbox"]) for r in records if r["file_name"] == name]
         assert_same_detections(mine, official, score_tol=2e-5, box_tol=0.02)
-    assert sorted(p.name for p in (tmp_path / "detections_drawn").iterdir()) == [
-        n.replace(".jpg", ".png") for n in IMAGES
-    ]
+    assert sorted(p.name for p in (tmp_path / "detections_drawn").iterdir()) == [f"{n}.png" for n in IMAGES]
     # Our eval transform gives the official transform's sizes; pixels differ by at most one level
     # (torchvision's antialiased resize vs PIL's).
     for check in expected["transform_check"]:
@@ -76,6 +84,41 @@ def test_predict_on_an_official_checkpoint_matches_the_official_code(official_ch
             == check["official_transform_size"]
         )
         assert check["max_abs_pixel_difference"] <= 1.1
+
+
+def test_predict_keeps_the_class_table_decodes_by_content_and_draws_each_file(
+    tmp_path: Path, coco_sample: Path
+) -> None:
+    """Labels outside the class table (here 0: three logits, ids 1 and 2) are dropped and counted; a PNG
+    named .jpg decodes; a.jpg and a.png get a drawing each."""
+    torch.manual_seed(0)
+    cfg = replace(preset("debug"), num_classes=3)
+    classes = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
+    card = ModelCard(model=config_to_dict(cfg), classes=classes)
+    save_model(tmp_path / "model", build_dino(cfg).state_dict(), card)
+    images = tmp_path / "images"
+    images.mkdir()
+    with Image.open(coco_sample / "images" / IMAGES[0]) as image:
+        image.save(images / "a.png")
+        image.save(images / "b.jpg", format="PNG")
+    shutil.copy(coco_sample / "images" / IMAGES[0], images / "a.jpg")
+    predict_cfg = PredictConfig(
+        checkpoint=str(tmp_path / "model"),
+        images=str(images),
+        output=str(tmp_path / "out.json"),
+        draw=True,
+        short_side=160,
+        max_size=256,
+        device="cpu",
+    )
+    records, dropped = predict(predict_cfg)
+    assert {r["category_id"] for r in records} == {1, 2} and dropped > 0
+    assert len(records) + dropped == 3 * cfg.num_select
+    assert sorted(p.name for p in (tmp_path / "out_drawn").iterdir()) == [
+        "a.jpg.png",
+        "a.png.png",
+        "b.jpg.png",
+    ]
 
 
 def test_predict_refuses_bad_input_before_loading_a_model(official_checkpoint, tmp_path) -> None:

@@ -17,9 +17,10 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 
-def decode_rgb(data: bytes, extension: str = "jpg") -> torch.Tensor:
-    """Decode image bytes to an RGB ``(3, H, W)`` uint8 tensor."""
-    if extension in ("jpg", "jpeg"):
+def decode_rgb(data: bytes) -> torch.Tensor:
+    """Decode image bytes to an RGB ``(3, H, W)`` uint8 tensor; the bytes say whether they are a JPEG
+    (a file's name may not: a PNG saved as ``.jpg``)."""
+    if data.startswith(b"\xff\xd8"):
         buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", ".*TorchVision are deprecated", DeprecationWarning)

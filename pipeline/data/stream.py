@@ -100,7 +100,7 @@ def decode_sample(raw: RawSample) -> tuple[tv_tensors.Image, Target, int, tuple[
     """A raw sample as ``(image uint8 (3, H, W), target with XYXY boxes, image id, (H, W))``."""
     record = json.loads(raw["json"])
     extension = "jpg" if "jpg" in raw else "png"
-    image = decode_rgb(raw[extension], extension)
+    image = decode_rgb(raw[extension])
     height, width = int(image.shape[-2]), int(image.shape[-1])
     anns = record["annotations"]
     boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)

@@ -48,7 +48,7 @@ def decode_eval_sample(raw: RawSample) -> EvalSample:
     """
     record = image_record(json.loads(raw["json"]))
     extension = "jpg" if "jpg" in raw else "png"
-    image = decode_rgb(raw[extension], extension)
+    image = decode_rgb(raw[extension])
     if (int(image.shape[-2]), int(image.shape[-1])) != (record["height"], record["width"]):
         raise ValueError(
             f"shard sample {raw['__key__']}: the image is {image.shape[-1]}x{image.shape[-2]} but its record "
