@@ -65,6 +65,7 @@ def test_reference_run_contract_and_falling_loss(reference_run: Path, demo_shard
         "rank_00001.json",
     ]
     assert (checkpoints / "step_00000004" / "ema" / "model.safetensors").is_file()
+    assert load_card(checkpoints / "step_00000004" / "ema").source == str(checkpoints / "step_00000004")
     assert not list(checkpoints.glob(".partial-*"))
     # The model directory: EMA weights (ema.use) with the raw ones beside them, class table from the data.
     model, card = load_model(out)

@@ -190,8 +190,9 @@ def test_step_schedule() -> None:
     assert schedule.factor(9) == 1.0
     assert math.isclose(schedule.factor(10), 0.1)
     assert math.isclose(schedule.factor(15), 0.01)
-    # An odd epoch length: the drop applies from the step that consumes the epoch's first batch.
-    assert step_schedule(train, 7).drop_steps == (7, 11)
+    # An odd epoch length: the drop applies from the step that consumes the epoch's first batch (epoch 3
+    # starts at micro-batch 21, which step 10 consumes with micro-batch 20).
+    assert step_schedule(train, 7).drop_steps == (7, 10)
     assert total_steps(TrainConfig(epochs=3, grad_accumulation=2), 10) == 15
     assert total_steps(TrainConfig(epochs=3, max_steps=4), 10) == 4
 

@@ -327,7 +327,7 @@ class Trainer:
         full = self.engine.full_state_dict() if wanted else None
         if self.rank == 0:
             if self.ema is not None and full is not None:
-                source = str(self.checkpoints.root / partial)
+                source = str(self.checkpoints.root / step_tag(step))  # its name once committed
                 save_model(
                     self.checkpoints.root / partial / "ema",
                     self.ema.state_dict(full),

@@ -18,7 +18,6 @@ so resuming needs no scheduler state: the step alone restores it exactly.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -137,11 +136,10 @@ def step_schedule(train: TrainConfig, micro_batches_per_epoch: int) -> StepSched
     """The schedule of ``train`` for epochs of ``micro_batches_per_epoch`` batches per rank.
 
     A drop at epoch ``e`` takes effect from the optimizer step that consumes the epoch's first batch:
-    ``ceil(e * micro_batches_per_epoch / grad_accumulation)``.
+    ``e * micro_batches_per_epoch // grad_accumulation`` (step ``s`` consumes micro-batches ``s * GA`` to
+    ``s * GA + GA - 1``).
     """
-    drops = tuple(
-        math.ceil(e * micro_batches_per_epoch / train.grad_accumulation) for e in train.lr_drop_epochs
-    )
+    drops = tuple(e * micro_batches_per_epoch // train.grad_accumulation for e in train.lr_drop_epochs)
     return StepSchedule(drops, train.lr_drop_factor, train.warmup_steps)
 
 
