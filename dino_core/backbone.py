@@ -51,7 +51,7 @@ class FrozenBatchNorm2d(nn.Module):
 def freeze_batch_norm(module: nn.Module) -> nn.Module:
     """``module`` with every ``nn.BatchNorm2d`` inside it replaced by a :class:`FrozenBatchNorm2d` holding
     its statistics and affine parameters."""
-    if isinstance(module, nn.BatchNorm2d):
+    if type(module) is nn.BatchNorm2d:  # not subclasses such as timm's BatchNormAct2d (norm + activation)
         frozen = FrozenBatchNorm2d(module.num_features, module.eps)
         frozen.weight.copy_(module.weight.detach())
         frozen.bias.copy_(module.bias.detach())
@@ -165,6 +165,12 @@ class Backbone(nn.Module):
         else:
             raise ValueError(
                 f"model.backbone.name must be a timm resnet* or swin* architecture, got {name!r}"
+            )
+        missing = [n for n in self.stage_names[: max(stages) + 1] if n not in dict(body.named_children())]
+        if missing:  # e.g. timm's resnetv2_*: other stage names, pre-activation BatchNormAct2d
+            raise ValueError(
+                f"model.backbone.name={name!r} has no stages named {missing}: use a timm ResNet "
+                "(resnet18, resnet50, resnet10t, ...) or Swin (swin_*) architecture"
             )
         self.body = body
         self.return_stages = stages

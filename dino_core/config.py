@@ -163,6 +163,7 @@ class DINOConfig:
     def __post_init__(self) -> None:
         _require(self.num_classes >= 1, f"model.num_classes must be >= 1, got {self.num_classes}")
         _require(2 <= self.num_levels <= 5, f"model.num_levels must be in [2, 5], got {self.num_levels}")
+        _require(self.n_heads >= 1, f"model.n_heads must be >= 1, got {self.n_heads}")
         _require(
             self.d_model % self.n_heads == 0,
             f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})",

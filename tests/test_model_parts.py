@@ -12,6 +12,7 @@ from torchvision.ops import generalized_box_iou
 
 from dino_core.atd import anchor_distances, average_top_k_distance
 from dino_core.box_ops import cxcywh_to_xyxy, inverse_sigmoid, xyxy_to_cxcywh
+from dino_core.builder import build_dino
 from dino_core.config import config_differences, config_from_dict, config_to_dict
 from dino_core.denoising import build_denoising_queries, denoising_attn_mask
 from dino_core.detector import DetectorOutput, Prediction
@@ -186,6 +187,20 @@ def test_config_round_trip_and_differences_by_dotted_path() -> None:
     ]
     with pytest.raises(ValueError, match=r"model.backbone: unknown keys \['depth'\]"):
         config_from_dict({**config_to_dict(base), "backbone": {"name": "resnet50", "depth": 50}})
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"n_heads": 0}, "model.n_heads must be >= 1"),
+        ({"n_heads": -2}, "model.n_heads must be >= 1"),
+        ({"backbone": {"name": "resnetv2_50"}}, r"'resnetv2_50' has no stages named \['layer1'"),
+    ],
+)
+def test_invalid_model_configs_fail_naming_the_key(change: dict, message: str) -> None:
+    """Refused before or while building, not deep inside (resnetv2's stages would all be frozen)."""
+    with pytest.raises(ValueError, match=message):
+        build_dino(config_from_dict({**config_to_dict(preset("debug")), **change}))
 
 
 @pytest.mark.parametrize("coords", [4, 2])
