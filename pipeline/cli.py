@@ -7,6 +7,7 @@ stage function is called, so nothing runs on an invalid config.
 
 from __future__ import annotations
 
+import datetime
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -78,6 +79,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             # it and the sweep exits non-zero with any launcher.
             raise RuntimeError(f"{name} exited with code {code}")
 
+    if any(a in ("-m", "--multirun") for a in rest) and not any(
+        a.startswith("hydra.sweep.dir=") for a in rest
+    ):
+        # An absolute folder fixed here: every job and launcher (Ray workers included) then agrees on it.
+        stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+        rest = [*rest, f"hydra.sweep.dir={Path.cwd() / 'multirun' / command.config_name / stamp}"]
     saved = sys.argv
     sys.argv = [f"{Path(saved[0]).name} {name}", *rest]
     try:

@@ -30,7 +30,7 @@ import re
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -257,21 +257,30 @@ def _set_aside_superseded(stage: Stage, upstream: dict[str, str]) -> None:
     """
     if stage.spec.out or stage.out.resolve() != stage.record_path.parent.resolve() or not stage.out.exists():
         return
-    record = read_record(stage.record_path)
-    if record is None:
-        try:
-            started = json.loads((stage.out / STARTED).read_text())
-        except (OSError, json.JSONDecodeError):
-            return
-        if started == {"config_sha256": stage.config_sha256, "upstream": upstream}:
-            return
-    _move_aside(stage.out, stage.name)
+    if not _continues_earlier_run(stage, upstream):
+        _move_aside(stage.out, stage.name)
 
 
-def _set_aside_superseded_split(stage: Stage) -> None:
-    """Rename a shard stage's finished split made from other input or settings (which the stage refuses
-    to write over) to ``<split>.replaced-<time>``; an unfinished split the stage resumes or rewrites."""
-    if isinstance(stage.config, ShardStageConfig) and superseded_split(stage.config):
+def _continues_earlier_run(stage: Stage, upstream: dict[str, str]) -> bool:
+    """Whether this run of ``stage`` may keep what an earlier run wrote: none finished, and the one that
+    was interrupted (if any) had this config and these inputs."""
+    if read_record(stage.record_path) is not None:
+        return False
+    try:
+        started = json.loads((stage.record_path.parent / STARTED).read_text())
+    except (OSError, json.JSONDecodeError):
+        return True
+    return started == {"config_sha256": stage.config_sha256, "upstream": upstream}
+
+
+def _set_aside_superseded_split(stage: Stage, upstream: dict[str, str]) -> None:
+    """Rename a shard stage's split to ``<split>.replaced-<time>`` when this run does not continue the
+    earlier one (its input stage reran, e.g. new image bytes under the same annotations, or it is forced),
+    or when it is a finished split of other input or settings (which the stage refuses to write over). An
+    interrupted split of this config and inputs is kept: the stage resumes it."""
+    if not isinstance(stage.config, ShardStageConfig) or not stage.config.split_dir.exists():
+        return
+    if not _continues_earlier_run(stage, upstream) or superseded_split(stage.config):
         _move_aside(stage.config.split_dir, stage.name)
 
 
@@ -407,6 +416,15 @@ class Runner:
         self.on_change: Callable[[], None] = lambda: None
         self.started_ray = False
         self.dashboard = ""
+        self.running: dict[str, Tracker] = {}
+        """The MLflow runs of the stages started and not finished (ended as KILLED on an interrupt)."""
+
+    def interrupted(self) -> None:
+        """Mark the running stages interrupted and end their MLflow runs (Ctrl-C, a killed driver)."""
+        for name, tracker in self.running.items():
+            self.by_name[name].status, self.by_name[name].error = "failed", "interrupted"
+            end_run(tracker, "KILLED")
+        self.running.clear()
 
     def _ray(self) -> None:
         """Join Ray before the first stage that runs (a rerun that skips everything needs none)."""
@@ -500,7 +518,7 @@ class Runner:
         self._ray()
         upstream = _upstream(stage, self.by_name)
         _set_aside_superseded(stage, upstream)
-        _set_aside_superseded_split(stage)
+        _set_aside_superseded_split(stage, upstream)
         stage.record_path.unlink(missing_ok=True)  # a failure must leave no record
         stage.record_path.parent.mkdir(parents=True, exist_ok=True)
         started = {"config_sha256": stage.config_sha256, "upstream": upstream}
@@ -523,6 +541,7 @@ class Runner:
             else NullTracker()
         )
         stage.mlflow_run_id = tracker.run_id
+        self.running[stage.name] = tracker
         if tracker.run_id and logs_itself:
             stage.config = dataclasses.replace(
                 stage.config, tracking=dataclasses.replace(stage.config.tracking, run_id=tracker.run_id)
@@ -549,6 +568,7 @@ class Runner:
 
     def _finish(self, stage: Stage, started: float, tracker: Tracker, code: int, error: str) -> None:
         stage.wall_s = time.time() - started
+        self.running.pop(stage.name, None)
         if code != 0:
             stage.status, stage.error = "failed", error or f"exit code {code}"
             _say(f"{stage.name}: FAILED after {stage.wall_s:.1f} s: {stage.error}")
@@ -693,15 +713,26 @@ class _StageView:
 # -------------------------------------------------------------------------------------------------- entry
 
 
-def describe_plan(stages: list[Stage]) -> str:
-    """What a run would do (``dry_run=true``): per stage run/skip and its command line."""
+def describe_plan(stages: list[Stage], force: Sequence[str] = ()) -> str:
+    """What a run would do (``dry_run=true``): per stage run, skip or blocked, and its command line."""
     by_name = {s.name: s for s in stages}
-    lines, reruns = [], set()
+    lines, reruns, blocked = [], set(), set()
     for stage in stages:
+        missing = [
+            d
+            for d in stage.spec.after
+            if d in blocked
+            or (by_name[d].status in ("disabled", "not selected") and not by_name[d].output_id)
+        ]
         if stage.status in ("disabled", "not selected"):
             record = read_record(stage.record_path)
             stage.output_id = record.get("output_id", "") if record else ""
             action = stage.status
+        elif missing:
+            action = f"blocked (needs {', '.join(missing)})"
+            blocked.add(stage.name)
+        elif stage.name in force:
+            action = "run (forced)"
         elif set(stage.spec.after) & reruns:
             action = "run (an input stage runs)"
         elif _matching_record(stage, by_name) is not None:
@@ -725,7 +756,7 @@ def run(cfg: RunConfig) -> int:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
     if cfg.dry_run:
-        print(describe_plan(stages), flush=True)
+        print(describe_plan(stages, cfg.force), flush=True)
         return 0
     root.mkdir(parents=True, exist_ok=True)
     _say(f"pipeline {cfg.name}: {len(stages)} stages -> {root}")
@@ -763,6 +794,7 @@ def run(cfg: RunConfig) -> int:
         status = "interrupted"
         raise
     finally:
+        runner.interrupted()
         data = write_summary(status)
         parent.log_metrics(
             {

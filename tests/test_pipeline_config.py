@@ -154,6 +154,14 @@ def test_the_cli_refuses_an_unknown_key_and_dry_run_plans_without_work(tmp_path:
         "pretrain: run" in dry.stdout and "python -m pipeline finetune experiment=demo_finetune" in dry.stdout
     )
     assert not (tmp_path / "demo" / "summary.json").exists()
+    # A selected stage whose input stage is neither selected nor complete is blocked, as the run would say.
+    dry = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", f"out={tmp_path / 'demo'}", "dry_run=true", "only=[eval]"],
+        capture_output=True,
+        text=True,
+    )
+    assert dry.returncode == 0, dry.stderr
+    assert "eval: blocked (needs finetune, shard_finetune_val)" in dry.stdout
 
 
 def test_the_demo_model_normalises_its_from_scratch_backbone_and_every_parameter_learns() -> None:

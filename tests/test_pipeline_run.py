@@ -136,6 +136,23 @@ def test_changing_a_stage_reruns_it_and_what_reads_it(pipeline_runs: dict) -> No
         "finetune": "run",
         "eval": "run (an input stage runs)",
     }
+    forced = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "run",
+            f"out={out}",
+            *TINY[:2],
+            "force=[finetune]",
+            "dry_run=true",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    plan = dict(line.split(": ", 1) for line in forced.stdout.splitlines() if not line.startswith(" "))
+    assert (plan["pretrain"], plan["finetune"]) == ("skip (complete for this config)", "run (forced)")
 
 
 def test_mlflow_holds_a_parent_run_per_run_and_a_nested_run_per_stage(pipeline_runs: dict) -> None:
@@ -216,3 +233,15 @@ def test_a_changed_stage_reruns_with_the_stages_reading_it_keeping_the_replaced_
     (replaced_split,) = split.parent.glob("val.replaced-*")
     assert (replaced_split / "manifest.json").read_bytes() == old_manifest
     assert json.loads((split / "manifest.json").read_text())["config"]["decode_check"] == "draft"
+    # A shard stage rerun with the same settings (forced here; or its input stage wrote new image bytes
+    # under the same annotations) reshards: the split is moved aside, not taken as finished.
+    result, summary = _run(
+        out,
+        'stages.shard_finetune_val.extra=["shard.decode_check=draft"]',
+        "force=[shard_finetune_val]",
+        "only=[shard_finetune_val]",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert summary["stages"]["shard_finetune_val"]["status"] == "complete"
+    assert "nothing to do" not in result.stdout + result.stderr
+    assert len(list(split.parent.glob("val.replaced-*"))) == 2 and (split / "manifest.json").is_file()

@@ -106,3 +106,17 @@ def test_a_failing_sweep_job_fails_the_sweep_with_either_launcher(finetune_input
         result = _sweep(manifest, tmp_path / "missing", tmp_path / f"sweep{len(launcher)}", *launcher)
         assert result.returncode != 0
         assert "is not the output of a pretraining run" in result.stdout + result.stderr
+
+
+def test_a_sweep_without_a_sweep_dir_writes_under_multirun_of_the_command(tmp_path: Path) -> None:
+    """The default sweep folder is absolute (<working directory>/multirun/<command>/<time>), fixed before
+    Hydra starts: one resolved by Hydra's sweeper from ${hydra:runtime.cwd} failed every sweep."""
+    command = [
+        sys.executable, "-m", "pipeline", "make-demo-data", "--multirun", "seed=0,1", "pretrain_train=1",
+        "pretrain_val=1", "finetune_train=1", "finetune_val=1", "min_size=64", "max_size=64",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sweep,) = (tmp_path / "multirun" / "make_demo_data").iterdir()
+    for job in ("0", "1"):
+        assert (sweep / job / "finetune" / "annotations" / "instances_val.json").is_file()

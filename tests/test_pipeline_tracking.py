@@ -3,6 +3,7 @@ read back through the MLflow client."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -18,6 +19,8 @@ import pytest
 from mlflow import MlflowClient
 from pipeline_helpers import free_port, stop_process_group
 
+import pipeline.orchestrate as orchestrate
+from pipeline.orchestrate_config import RunConfig, StageSpec
 from pipeline.tracking import NullTracker, create_run, end_run, git_commit, start_run
 from pipeline.tracking_config import TrackingConfig
 
@@ -196,3 +199,24 @@ def test_a_stage_run_on_a_real_mlflow_server(mlflow_server: str, tmp_path: Path)
     _check_stage_run(client, run_id, "server-test")
     downloaded = Path(client.download_artifacts(run_id, "metrics.json", str(tmp_path / "dl")))
     assert downloaded.read_text() == '{"AP": 0.5}'
+
+
+def test_an_interrupted_run_ends_the_running_stage_s_run_too(tmp_path: Path, monkeypatch) -> None:
+    """Ctrl-C while a stage runs: the stage's nested MLflow run ends KILLED with the parent, not RUNNING
+    forever; the summary says interrupted."""
+
+    def interrupted(entry: object, config: object) -> tuple[int, str]:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(orchestrate, "run_stage", interrupted)
+    monkeypatch.setattr(orchestrate, "connect_ray", lambda cfg: (False, ""))
+    spec = StageSpec(command="pretrain", experiment="demo_pretrain", overrides=["data=/no/manifest.json"])
+    cfg = RunConfig(name="interrupted", out=tmp_path, stages={"train": spec})
+    with pytest.raises(KeyboardInterrupt):
+        orchestrate.run(cfg)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    statuses = {("mlflow.parentRunId" in r.data.tags, r.info.status) for r in runs}
+    assert statuses == {(True, "KILLED"), (False, "KILLED")}
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["stages"]["train"]["status"] == "failed"

@@ -8,8 +8,8 @@
 #
 # RAY_ADDRESS: the cluster's dashboard (jobs API); OUT: the run directory on storage every node sees.
 # Extra arguments are overrides of the run (e.g. 'stages.pretrain.extra=["train.checkpoint_every=500"]').
-# The datasets come from paths.* (DINO_O365_ROOT, DINO_COCO_ROOT, DINO_WEIGHTS_DIR on the cluster) and the
-# runs go to the MLflow server at MLFLOW_TRACKING_URI.
+# The datasets come from paths.* (DINO_O365_ROOT, DINO_COCO_ROOT, DINO_WEIGHTS_DIR: passed to the job when
+# set here, else as set on the cluster) and the runs go to the MLflow server at MLFLOW_TRACKING_URI.
 set -euo pipefail
 : "${RAY_ADDRESS:?set RAY_ADDRESS to the dashboard address of the cluster, e.g. http://head:8265}"
 : "${OUT:?set OUT to the run directory on shared storage}"
@@ -17,7 +17,11 @@ set -euo pipefail
 EXPERIMENT=${EXPERIMENT:-swinl_o365_coco}
 cd "$(dirname "$0")/../.."
 COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)
-RUNTIME_ENV=$(printf '{"excludes": [".venv", "outputs", "multirun", ".git", "kernels/_build"], "env_vars": %s}' \
-  "{\"DINO_GIT_COMMIT\": \"${COMMIT}\", \"MLFLOW_TRACKING_URI\": \"${MLFLOW_TRACKING_URI}\", \"RAY_USAGE_STATS_ENABLED\": \"0\"}")
+ENV_VARS="\"DINO_GIT_COMMIT\": \"${COMMIT}\", \"MLFLOW_TRACKING_URI\": \"${MLFLOW_TRACKING_URI}\", \"RAY_USAGE_STATS_ENABLED\": \"0\""
+for name in DINO_O365_ROOT DINO_COCO_ROOT DINO_WEIGHTS_DIR; do
+  if [[ -n "${!name:-}" ]]; then ENV_VARS+=", \"${name}\": \"${!name}\""; fi
+done
+RUNTIME_ENV=$(printf '{"excludes": [".venv", "outputs", "multirun", ".git", "kernels/_build"], "env_vars": {%s}}' \
+  "${ENV_VARS}")
 exec .venv/bin/ray job submit --address "${RAY_ADDRESS}" --working-dir . --runtime-env-json "${RUNTIME_ENV}" -- \
   python -m pipeline run experiment="${EXPERIMENT}" ray.address=auto tracking=mlflow_server out="${OUT}" "$@"
