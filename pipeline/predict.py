@@ -59,6 +59,15 @@ class PredictConfig:
         for key in ("checkpoint", "images", "output"):
             if not getattr(self, key):
                 raise ValueError(f"predict needs {key}=...")
+        output, checkpoint = Path(self.output).resolve(), Path(self.checkpoint).resolve()
+        if output.suffix != ".json" or output.is_dir():
+            raise ValueError(
+                f"output={self.output} must name a .json file to write (not a folder or an image)"
+            )
+        if checkpoint.is_dir() and checkpoint in output.parents:
+            raise ValueError(
+                f"output={self.output} is inside the checkpoint folder {checkpoint}: write elsewhere"
+            )
         if not 0.0 <= self.draw_threshold <= 1.0:
             raise ValueError(f"draw_threshold must be in [0, 1], got {self.draw_threshold}")
         if not 1 <= self.short_side <= self.max_size:
@@ -90,10 +99,20 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def pick_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU."""
+    """``auto`` -> CUDA when available, else CPU.
+
+    Raises:
+        ValueError: a name torch does not know, or CUDA without a visible GPU.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device={name} is not a device: use auto, cpu or cuda[:i]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name} but no CUDA GPU is visible; use device=cpu")
+    return device
 
 
 @torch.no_grad()
@@ -151,8 +170,12 @@ def predict(cfg: PredictConfig) -> tuple[list[dict[str, object]], int]:
 
 
 def run(cfg: PredictConfig) -> int:
-    """The ``predict`` command."""
-    records, dropped = predict(cfg)
+    """The ``predict`` command; exit code 2 for input it refuses (the message names it)."""
+    try:
+        records, dropped = predict(cfg)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
     atomic_write_bytes(Path(cfg.output), json.dumps(records).encode())
     print(
         f"predict: wrote {len(records)} detections to {cfg.output} ({dropped} dropped: a label outside the "

@@ -147,6 +147,18 @@ def test_predict_refuses_bad_input_before_loading_a_model(official_checkpoint, t
     )
     assert result.returncode != 0 and "does not fit this model preset" in result.stderr
     assert not (tmp_path / "o.json").exists()
+    # An output that would overwrite an input image, and a device torch does not know: refused up front.
+    image = images / IMAGES[0]
+    before = image.read_bytes()
+    for extra, message in [
+        (f"output={image}", "must name a .json file"),
+        ("device=gpu", "device=gpu is not a device"),
+    ]:
+        args = [f"checkpoint={checkpoint}", f"images={images}", f"output={tmp_path}/o.json", extra]
+        result = _cli("predict", "model=dino_r50_4scale", *args)
+        assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
+    assert image.read_bytes() == before and not (tmp_path / "o.json").exists()
 
 
 def test_model_info_reports_every_preset() -> None:

@@ -47,6 +47,7 @@ from pipeline.train.optim import (
     step_schedule,
     total_steps,
 )
+from pipeline.train.stage import DataError, plan_data
 from pipeline.train.step import (
     LossMeter,
     NonFiniteGuard,
@@ -68,6 +69,7 @@ DEBUG = dataclasses.replace(preset("debug"), num_classes=10)
         (lambda: TrainConfig(lr=0.0), "train.lr must be > 0"),
         (lambda: TrainConfig(epochs=0), "train.epochs must be >= 1"),
         (lambda: TrainConfig(lr_drop_epochs=[5, 3]), "train.lr_drop_epochs"),
+        (lambda: TrainConfig(seed=-1), "train.seed must be >= 0"),
         (lambda: TrainConfig(class_aliases=["tv"]), "train.class_aliases"),
         (lambda: EMAConfig(decay=1.0), "train.ema.decay"),
         (lambda: DeepSpeedConfig(zero_stage=4), "deepspeed.zero_stage"),
@@ -512,3 +514,22 @@ def test_rng_state_round_trip_through_json() -> None:
     restore_rng(saved, device)
     second = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(first[0], second[0]) and np.array_equal(first[1], second[1]) and first[2] == second[2]
+
+
+def test_val_data_of_another_label_space_is_refused_before_training(
+    coco_sample_shards: Path, tmp_path: Path
+) -> None:
+    """Same ids, another name: the validation split is another label space (its AP would be meaningless)."""
+    manifest = json.loads(coco_sample_shards.read_text())
+    manifest["categories"][0]["name"] = "not " + manifest["categories"][0]["name"]
+    other = coco_sample_shards.parent / "manifest_renamed.json"
+    other.write_text(json.dumps(manifest))
+    try:
+        cfg = TrainStageConfig(model=preset("debug"), data=str(coco_sample_shards), val_data=str(other))
+        assert plan_data(dataclasses.replace(cfg, val_data=str(coco_sample_shards))).val is not None
+        with pytest.raises(
+            DataError, match=r"val_data .* has categories the training split does not \(id: name 1"
+        ):
+            plan_data(cfg)
+    finally:
+        other.unlink()

@@ -138,7 +138,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size", "grad_accumulation", "log_every", "nan_patience"):
             _require(getattr(self, key) >= 1, f"train.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("max_steps", "warmup_steps", "checkpoint_every", "keep_checkpoints", "eval_every_epochs"):
+        for key in (
+            "max_steps",
+            "warmup_steps",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "eval_every_epochs",
+            "seed",
+        ):
             _require(getattr(self, key) >= 0, f"train.{key} must be >= 0, got {getattr(self, key)}")
         for key in ("lr", "lr_backbone", "lr_linear_proj_mult", "aug_scale"):
             _require(getattr(self, key) > 0, f"train.{key} must be > 0, got {getattr(self, key)}")

@@ -101,11 +101,11 @@ def plan_data(cfg: TrainStageConfig) -> DataPlan:
     num_classes = max(tables[0]) + 1
     val = load_manifest(cfg.val_data) if cfg.val_data else None
     if val is not None:
-        outside = sorted(c.id for c in val.categories if c.id >= num_classes)
-        if outside:
+        differ = [f"{c.id}: {c.name!r}" for c in val.categories if tables[0].get(c.id) != c.name]
+        if differ:
             raise DataError(
-                f"val_data {val.location} has category ids {outside[:10]} beyond the training classes "
-                f"(num_classes {num_classes}); evaluate on a split of the same label space"
+                f"val_data {val.location} has categories the training split does not (id: name "
+                f"{', '.join(differ[:10])}); evaluate on a split of the same label space"
             )
     return DataPlan(sources, classes, num_classes, val)
 
