@@ -34,6 +34,14 @@ def test_deterministic(demo, tmp_path: Path) -> None:
     assert _files(demo.root) == _files(again.root)
     other = make_demo_data(DemoDataConfig(**{**SMALL.__dict__, "out": tmp_path / "other", "seed": 1}))
     assert _files(demo.root) != _files(other.root)
+    # Regenerating into its own folder gives the same bytes; other settings there are refused, not merged.
+    make_demo_data(DemoDataConfig(**{**SMALL.__dict__, "out": tmp_path / "again"}))
+    assert _files(demo.root) == _files(again.root)
+    with pytest.raises(FileExistsError, match="other settings \\(pretrain_train, seed\\)"):
+        make_demo_data(
+            DemoDataConfig(**{**SMALL.__dict__, "out": tmp_path / "again", "seed": 1, "pretrain_train": 4})
+        )
+    assert _files(demo.root) == _files(again.root)
 
 
 def test_label_spaces_share_names_with_other_ids(demo) -> None:

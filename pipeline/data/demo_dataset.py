@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -216,8 +217,23 @@ def _generate_split(
 
 
 def make_demo_data(cfg: DemoDataConfig) -> DemoDataset:
-    """Generate the embedded dataset under ``cfg.out`` (same seed and sizes -> same bytes)."""
+    """Generate the embedded dataset under ``cfg.out`` (same seed and sizes -> same bytes).
+
+    Raises:
+        FileExistsError: ``cfg.out`` holds a demo dataset made with other settings (never overwritten).
+    """
     root = Path(cfg.out)
+    config = {k: str(v) for k, v in asdict(cfg).items()}
+    try:
+        previous = json.loads((root / "demo.json").read_text(encoding="utf-8"))["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        previous = None
+    if previous is not None and previous != config:
+        changed = sorted(k for k in config if previous.get(k) != config[k])
+        raise FileExistsError(
+            f"out={root} holds a demo dataset made with other settings ({', '.join(changed)}); "
+            "give another out= or remove it"
+        )
     plan = [
         ("pretrain", "train", cfg.pretrain_train, PRETRAIN_CLASSES),
         ("pretrain", "val", cfg.pretrain_val, PRETRAIN_CLASSES),
@@ -240,7 +256,7 @@ def make_demo_data(cfg: DemoDataConfig) -> DemoDataset:
         first_id += count
     dataset = DemoDataset(root, splits)
     summary = {
-        "config": {k: str(v) for k, v in asdict(cfg).items()},
+        "config": config,
         "classes": {"pretrain": PRETRAIN_CLASSES, "finetune": FINETUNE_CLASSES},
         "splits": {key: {k: str(v) for k, v in asdict(value).items()} for key, value in splits.items()},
     }
@@ -255,6 +271,10 @@ def make_demo_data(cfg: DemoDataConfig) -> DemoDataset:
 
 
 def run(cfg: DemoDataConfig) -> int:
-    """CLI entry of ``python -m pipeline make-demo-data``."""
-    make_demo_data(cfg)
+    """CLI entry of ``python -m pipeline make-demo-data``; exit code 2 when ``out`` holds another one."""
+    try:
+        make_demo_data(cfg)
+    except FileExistsError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
     return 0
