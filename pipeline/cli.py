@@ -67,6 +67,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    for arg in rest:
+        if arg.startswith("out=") and Path(arg[4:]).is_file():  # Hydra would fail creating it, in a traceback
+            print(f"error: {arg} is a file; out= takes a directory", file=sys.stderr)
+            return 2
     register(command)
     status: list[int | None] = []
 

@@ -8,6 +8,8 @@ import io
 import itertools
 import json
 import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -564,3 +566,33 @@ def test_spill_blocks_cut_whole_lines_at_any_read_size(
     assert [line for block_lines, _ in blocks for line in block_lines] == lines
     assert np.concatenate([block_ids for _, block_ids in blocks]).tolist() == ids.tolist()
     assert all(len(block_lines) == len(block_ids) for block_lines, block_ids in blocks)
+
+
+def test_check_local_shards_names_missing_and_truncated_shards(
+    coco_sample_shards: Path, tmp_path: Path
+) -> None:
+    split = tmp_path / "split"
+    shutil.copytree(coco_sample_shards.parent, split)
+    load_manifest(split / "manifest.json").check_local_shards()
+    first, second = sorted(split.glob("*.tar"))[:2]
+    first.unlink()
+    second.write_bytes(second.read_bytes()[:1000])
+    with pytest.raises(
+        ManifestError, match=rf"2 shard\(s\) missing or incomplete: {first.name} \(missing\), "
+    ):
+        load_manifest(split / "manifest.json").check_local_shards()
+
+
+def test_cli_errors_are_messages_not_tracebacks(tmp_path: Path) -> None:
+    """out= a file, and verify=true where there is no manifest: one line naming the input, no traceback."""
+    afile = tmp_path / "afile.txt"
+    afile.write_text("keep me")
+    common = [sys.executable, "-m", "pipeline", "shard", "dataset=demo_pretrain"]
+    for extra, code, message in [
+        ([f"out={afile}"], 2, f"out={afile} is a file; out= takes a directory"),
+        ([f"out={tmp_path / 'none'}", "verify=true"], 1, "no manifest here"),
+    ]:
+        result = subprocess.run([*common, *extra], capture_output=True, text=True)
+        assert result.returncode == code and message in result.stderr, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
+    assert afile.read_text() == "keep me"

@@ -375,3 +375,11 @@ def test_cli_one_process_batch_1_and_two_processes_batch_4_write_the_same_result
     assert sorted(one["results"]) == ["plain", "tta_nms", "tta_one_to_one"]
     for name in ("detections.json", "detections_tta.json", "detections_tta_nms.json"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where no GPU is visible")
+def test_eval_on_cuda_without_a_gpu_is_an_error_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = cli_main(
+        ["eval", f"checkpoint={tmp_path}", f"data={tmp_path}", "device=cuda", f"out={tmp_path / 'o'}"]
+    )
+    assert code == 2 and "device=cuda but no CUDA GPU is visible; use device=cpu" in capsys.readouterr().err

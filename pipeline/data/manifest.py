@@ -91,6 +91,30 @@ class Manifest:
         base = self.location.rsplit("/", 1)[0] if "/" in self.location else "."
         return [f"{base}/{shard.name}" for shard in self.shards]
 
+    def check_local_shards(self) -> None:
+        """Fail naming the shards of a split on local disk that are missing or not of their recorded size
+        (a deleted or truncated shard would otherwise fail when first read, possibly hours into training).
+
+        Raises:
+            ManifestError: naming up to five such shards and what to do.
+        """
+        if self.location.startswith(("http://", "https://", "pipe:")):
+            return
+        bad = []
+        for shard, location in zip(self.shards, self.shard_locations()):
+            try:
+                size = os.stat(location).st_size
+            except OSError:
+                bad.append(f"{shard.name} (missing)")
+                continue
+            if size != shard.bytes:
+                bad.append(f"{shard.name} ({size} bytes, the manifest says {shard.bytes})")
+        if bad:
+            raise ManifestError(
+                f"{self.location}: {len(bad)} shard(s) missing or incomplete: {', '.join(bad[:5])}; check "
+                "the split with `python -m pipeline shard ... verify=true`, move it aside and shard it again"
+            )
+
     def category_names(self) -> dict[int, str]:
         """Category id -> name."""
         return {category.id: category.name for category in self.categories}

@@ -426,7 +426,11 @@ def run(cfg: ShardStageConfig) -> int:
     Returns the exit code: 0 done, 1 failed (the reason is printed), 3 verification found problems.
     """
     if cfg.verify:
-        report = verify_shards(cfg.split_dir / MANIFEST_NAME)
+        try:
+            report = verify_shards(cfg.split_dir / MANIFEST_NAME)
+        except ManifestError as error:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+            return 1
         for problem in report.problems:
             print(f"[verify] {problem}", flush=True)
         print(

@@ -187,6 +187,8 @@ def run_evaluation(
 def run(cfg: EvalStageConfig) -> int:
     """The ``eval`` command: every rank evaluates its share, rank 0 writes ``cfg.out``; the exit code."""
     assert cfg.checkpoint is not None and cfg.data is not None  # checked by EvalStageConfig
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        return _error("device=cuda but no CUDA GPU is visible; use device=cpu")
     device = _device(cfg.device)
     created = _init_distributed(device)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -212,6 +214,8 @@ def _evaluate_checkpoint(
     assert cfg.checkpoint is not None and cfg.data is not None
     try:
         manifest = load_manifest(cfg.data)
+        if not cfg.shards:  # a shard template names other copies of the shards
+            manifest.check_local_shards()
     except ManifestError as error:
         raise _Refused(str(error)) from error
     if manifest.num_samples == 0:
@@ -279,10 +283,9 @@ def _fmt(value: float | None) -> str:
 
 
 def _device(choice: str) -> torch.device:
-    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+    """``cpu``, or ``auto``/``cuda`` (checked visible by ``run``): this rank's GPU when there is one."""
+    if choice == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise RuntimeError("device=cuda but no CUDA GPU is visible; use device=cpu")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 

@@ -88,6 +88,9 @@ def plan_data(cfg: TrainStageConfig) -> DataPlan:
     """
     sources = [StreamSource(s.manifest, s.weight, s.shards) for s in cfg.sources()]
     manifests = [load_manifest(s.manifest) for s in sources]
+    for source, manifest in zip(sources, manifests):
+        if not source.shards:  # a shard template names other copies of the shards
+            manifest.check_local_shards()
     tables = [{c.id: c.name for c in m.categories} for m in manifests]
     for manifest, table in zip(manifests[1:], tables[1:]):
         if table != tables[0]:
@@ -100,6 +103,8 @@ def plan_data(cfg: TrainStageConfig) -> DataPlan:
     classes = [{"id": i, "name": n} for i, n in sorted(tables[0].items())]
     num_classes = max(tables[0]) + 1
     val = load_manifest(cfg.val_data) if cfg.val_data else None
+    if val is not None:
+        val.check_local_shards()
     if val is not None:
         differ = [f"{c.id}: {c.name!r}" for c in val.categories if tables[0].get(c.id) != c.name]
         if differ:
