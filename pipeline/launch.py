@@ -107,6 +107,10 @@ def _ray_worker(config: dict[str, Any]) -> None:
     config["worker"](config["cfg"])
 
 
+class LaunchError(ValueError):
+    """A launch request this machine cannot serve (the message names the keys to change)."""
+
+
 def _run_on_ray(cfg: TrainStageConfig, worker: Callable[[TrainStageConfig], Any]) -> None:
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -131,6 +135,20 @@ def _run_on_ray(cfg: TrainStageConfig, worker: Callable[[TrainStageConfig], Any]
             )
         started = True
     try:
+        if started and not launcher.ray_address:
+            # A local Ray has what this machine has: Ray Train would wait for the rest forever.
+            have = ray.cluster_resources()
+            cpus, gpus = (
+                launcher.num_workers * launcher.cpus_per_worker,
+                launcher.num_workers * launcher.use_gpu,
+            )
+            if cpus > have.get("CPU", 0) or gpus > have.get("GPU", 0):
+                each = f"{launcher.cpus_per_worker:g} CPUs{' and a GPU' if launcher.use_gpu else ''} each"
+                raise LaunchError(
+                    f"launcher.num_workers={launcher.num_workers} workers of launcher.cpus_per_worker={each} "
+                    f"do not fit this machine's local Ray ({have.get('CPU', 0):g} CPUs, "
+                    f"{have.get('GPU', 0):g} GPUs): ask for less, or give launcher.ray_address of a cluster"
+                )
         trainer = TorchTrainer(
             _ray_worker,
             train_loop_config={"cfg": cfg, "worker": worker},

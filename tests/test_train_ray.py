@@ -128,3 +128,26 @@ def test_two_node_ray_cluster_one_worker_per_node(demo_shards: dict[str, Path], 
     assert "nodes 2" in text and "steps 2" in text
     assert "world_rank=1" in text and "2 rank(s)" in text
     assert (out / "model.json").is_file()
+
+
+def test_a_request_larger_than_the_local_ray_is_refused_not_waited_for(
+    demo_shards: dict[str, Path], tmp_path: Path
+) -> None:
+    """Ray Train would wait forever for workers a local Ray cannot place (and not stop on Ctrl-C)."""
+    overrides = [
+        *TRAIN_TEST_OVERRIDES,
+        f"data={demo_shards['pretrain/train']}",
+        f"out={tmp_path / 'out'}",
+        "tracking=none",
+        "launcher=ray",
+        "launcher.num_workers=64",
+        "launcher.cpus_per_worker=64",
+    ]
+    env = {k: v for k, v in train_env().items() if k != "RAY_ADDRESS"}
+    result = subprocess.run(
+        train_command("pretrain", overrides), env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 2, (result.stdout + result.stderr)[-3000:]
+    assert (
+        "launcher.num_workers=64 workers of launcher.cpus_per_worker=64 CPUs each do not fit" in result.stderr
+    )

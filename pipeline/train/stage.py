@@ -33,7 +33,7 @@ from pipeline.checkpoint import atomic_write_bytes
 from pipeline.data.manifest import Manifest, ManifestError, load_manifest
 from pipeline.data.stream import StreamSource, train_loader
 from pipeline.data.transforms import train_transform
-from pipeline.launch import launch
+from pipeline.launch import LaunchError, launch
 from pipeline.tracking import start_run
 from pipeline.train.checkpointing import (
     CheckpointDir,
@@ -310,6 +310,7 @@ def run(cfg: TrainStageConfig) -> int:
     except (
         InitError,
         DataError,
+        LaunchError,
         ManifestError,
         CheckpointError,
         NonFiniteLossError,
