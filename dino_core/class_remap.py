@@ -73,7 +73,8 @@ def match_classes(
     ``aliases``: target name -> source name, for names that differ between the tables.
 
     Raises:
-        ValueError: when two source classes share a normalised name (the match would be ambiguous).
+        ValueError: two source classes share a normalised name (the match would be ambiguous), or an
+            alias names a class that neither table has.
     """
     by_name: dict[str, int] = {}
     for class_id, name in sorted(source.items()):
@@ -88,6 +89,10 @@ def match_classes(
     unknown = sorted(v for v in alias.values() if v not in by_name)
     if unknown:
         raise ValueError(f"class aliases name source classes that do not exist: {unknown[:10]}")
+    targets = {normalise_name(name) for name in target.values()}
+    unknown = sorted(k for k in alias if k not in targets)
+    if unknown:
+        raise ValueError(f"class aliases name target classes that do not exist: {unknown[:10]}")
     matches = {}
     for class_id, name in sorted(target.items()):
         key = normalise_name(name)

@@ -24,6 +24,7 @@ from dino_core import DINOConfig
 from dino_core.config import config_from_dict
 from pipeline.checkpoint import atomic_write_bytes, load_checkpoint
 from pipeline.data.decode import decode_rgb
+from pipeline.data.image_check import ImageDecodeError, probe_image
 from pipeline.data.transforms import eval_transform, make_target
 from pipeline.evaluation.plots import draw_detections
 
@@ -91,7 +92,9 @@ def list_images(folder: Path) -> list[Path]:
         try:
             with Image.open(path) as image:
                 image.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError) as error:
+            if image.format == "JPEG":  # verify() reads no JPEG data: a truncated file passed it
+                probe_image(path.read_bytes())
+        except (UnidentifiedImageError, OSError, SyntaxError, ImageDecodeError) as error:
             bad.append(f"{path.name} ({error})")
     if bad:
         raise ValueError(f"unreadable images in {folder}: {', '.join(bad)}; remove or replace them")

@@ -126,6 +126,7 @@ def test_predict_refuses_bad_input_before_loading_a_model(official_checkpoint, t
     broken = tmp_path / "broken"
     shutil.copytree(images, broken)
     (broken / "truncated.jpg").write_bytes((images / IMAGES[0]).read_bytes()[:200])
+    (broken / "cut.jpg").write_bytes((images / IMAGES[0]).read_bytes()[:3000])  # PIL's verify() passes it
     result = _cli(
         "predict",
         "model=dino_r50_4scale",
@@ -134,7 +135,10 @@ def test_predict_refuses_bad_input_before_loading_a_model(official_checkpoint, t
         f"output={tmp_path}/o.json",
     )
     assert (
-        result.returncode != 0 and "unreadable images" in result.stderr and "truncated.jpg" in result.stderr
+        result.returncode != 0
+        and "unreadable images" in result.stderr
+        and "truncated.jpg" in result.stderr
+        and "cut.jpg" in result.stderr
     )
     result = _cli("predict", f"checkpoint={checkpoint}", f"images={images}", f"output={tmp_path}/o.json")
     assert result.returncode != 0 and "name its preset, e.g. model=dino_r50_4scale" in result.stderr

@@ -379,8 +379,10 @@ def test_match_classes_by_normalised_name_and_alias() -> None:
     assert match_classes(source, target, {"tv": "Monitor/TV"}) == {1: 1, 7: 3, 9: 4}
     with pytest.raises(ValueError, match="two classes"):
         match_classes({1: "cat", 2: "Cat"}, target)
-    with pytest.raises(ValueError, match="do not exist"):
+    with pytest.raises(ValueError, match="source classes that do not exist"):
         match_classes(source, target, {"tv": "Television"})
+    with pytest.raises(ValueError, match=r"target classes that do not exist: \['unicorn'\]"):
+        match_classes(source, target, {"Unicorn": "Person"})
 
 
 def test_remap_class_rows() -> None:
