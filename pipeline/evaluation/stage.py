@@ -214,8 +214,6 @@ def _evaluate_checkpoint(
     assert cfg.checkpoint is not None and cfg.data is not None
     try:
         manifest = load_manifest(cfg.data)
-        if not cfg.shards:  # a shard template names other copies of the shards
-            manifest.check_local_shards()
     except ManifestError as error:
         raise _Refused(str(error)) from error
     if manifest.num_samples == 0:
@@ -225,9 +223,11 @@ def _evaluate_checkpoint(
         if cfg.checkpoint.is_dir():
             # Refuse on the card alone, before reading any weights.
             check_checkpoint(load_card(cfg.checkpoint), categories, cfg.model)
+        if not cfg.shards:  # a shard template names other copies of the shards
+            manifest.check_local_shards()
         model, card = load_checkpoint(cfg.checkpoint, cfg.model, device)
         check_checkpoint(card, categories, cfg.model)
-    except ValueError as error:  # CheckpointMismatchError, or an unreadable checkpoint
+    except ValueError as error:  # CheckpointMismatchError, missing shards or an unreadable checkpoint
         raise _Refused(str(error)) from error
     header = {
         "checkpoint": {
