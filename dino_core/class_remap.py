@@ -74,7 +74,7 @@ def match_classes(
 
     Raises:
         ValueError: two source classes share a normalised name (the match would be ambiguous), or an
-            alias names a class that neither table has.
+            alias names a target class the target table lacks or a source class the source table lacks.
     """
     by_name: dict[str, int] = {}
     for class_id, name in sorted(source.items()):
