@@ -9,7 +9,9 @@ and outputs moved once, over this device's measured copy bandwidth. It writes th
 
 Variants: ``reference`` (:func:`kernels.ms_deform_attn_reference`), ``fused`` (the op, weights given),
 ``softmax+fused`` (softmax of the logits, then the op: what a model does without the logits variant),
-``fused_logits`` (the op with the softmax inside) and, on a GPU with ``--official-kernel-dir``, ``official``:
+``fused_logits`` (the op with the softmax inside), ``fused_deterministic`` (the op under
+``torch.use_deterministic_algorithms(True)``: on a GPU its sort-and-gather backward) and, on a GPU with
+``--official-kernel-dir``, ``official``:
 Deformable-DETR's published CUDA kernel (float32 / float64 only), built from a copy of its sources that
 this script patches for current PyTorch (``.type()`` -> ``.scalar_type()`` / ``.is_cuda()``,
 ``.data<T>()`` -> ``.data_ptr<T>()``, THC includes dropped) in the ignored ``benchmarks/out/``; the
@@ -24,13 +26,14 @@ directions at 1..P pixels, or box fractions) plus one pixel of noise; logits are
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import platform
 import re
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import date
 from pathlib import Path
@@ -71,7 +74,7 @@ SHAPES = {
 }
 DEFAULT_SHAPES = {"cpu": ("enc4_b1", "dec_b1", "dec_b2"), "cuda": tuple(SHAPES)}
 DEFAULT_DTYPES = {"cpu": ("float32", "bfloat16"), "cuda": ("float32", "bfloat16", "float16")}
-VARIANTS = ("reference", "fused", "softmax+fused", "fused_logits", "official")
+VARIANTS = ("reference", "fused", "softmax+fused", "fused_logits", "fused_deterministic", "official")
 
 
 def make_problem(shape: Shape, dtype: torch.dtype, device: str, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -119,7 +122,7 @@ def variant_function(variant: str, official: object | None) -> Callable[..., tor
     """(value, shapes, starts, locations, attention) -> output (attention: logits in the logits variants)."""
     if variant == "reference":
         return kernels.ms_deform_attn_reference
-    if variant == "fused":
+    if variant in ("fused", "fused_deterministic"):
         return lambda *a: kernels.ms_deform_attn(*a, implementation="fused")
     if variant == "softmax+fused":
 
@@ -263,7 +266,23 @@ def measure(
         out = fn(leaves[0], args[1], args[2], leaves[1], leaves[2])
         torch.autograd.grad(out, leaves, problem["grad_output"])
 
-    return time_ms(forward, device, warmup, repeats), time_ms(forward_backward, device, warmup, repeats)
+    with deterministic_mode(variant == "fused_deterministic"):
+        return time_ms(forward, device, warmup, repeats), time_ms(forward_backward, device, warmup, repeats)
+
+
+@contextlib.contextmanager
+def deterministic_mode(enabled: bool) -> Iterator[None]:
+    """torch.use_deterministic_algorithms(enabled) inside the block, without its NaN fill of new tensors
+    (which would be timed too)."""
+    before = torch.are_deterministic_algorithms_enabled()
+    fill_before = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(enabled)
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+        torch.utils.deterministic.fill_uninitialized_memory = fill_before
 
 
 @dataclass
