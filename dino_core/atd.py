@@ -25,7 +25,7 @@ def anchor_distances(
         targets: per image "labels" (n_b,) and "boxes" (n_b, 4) cxcywh normalised to the image.
         matcher: the model's Hungarian matcher.
     """
-    matches = matcher(outputs.final.logits, outputs.final.boxes, targets)
+    matches = matcher(outputs.final.logits, outputs.final.boxes, targets, outputs.num_valid)
     return [
         (outputs.anchors[b, queries].float() - t["boxes"][boxes].float()).abs().sum(-1)
         for b, ((queries, boxes), t) in enumerate(zip(matches, targets))

@@ -236,7 +236,7 @@ class Backbone(nn.Module):
 
         Returns:
             features: per returned stage (B, C_l, H_l, W_l), zero outside each image's own map.
-            valid_sizes: (B, num_stages, 2) int64, (h_l, w_l) of each image's own map per stage.
+            valid_sizes: (B, num_stages, 2) int64 on the CPU, (h_l, w_l) of each image's own map per stage.
         """
         sizes = image_sizes.tolist()
         if all(h == images.shape[-2] and w == images.shape[-1] for h, w in sizes):
@@ -257,7 +257,7 @@ class Backbone(nn.Module):
                         ]
                     )
                 )
-        return features, torch.tensor(valid, dtype=torch.long, device=images.device)
+        return features, torch.tensor(valid, dtype=torch.long)
 
     def load_weights(self, state_dict: Mapping[str, torch.Tensor]) -> WeightLoadReport:
         """Load ImageNet weights: the official Swin release, timm's layout, or torchvision's ResNet.

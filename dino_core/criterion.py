@@ -64,6 +64,7 @@ class SetCriterion(nn.Module):
         labels: torch.Tensor,
         target_boxes: torch.Tensor,
         normaliser: torch.Tensor | float,
+        query_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Unweighted class/bbox/giou losses of S prediction sets under given assignments.
 
@@ -72,6 +73,7 @@ class SetCriterion(nn.Module):
             pairs: (4, M) int64 rows (set, image, query, target), the target indexing ``labels`` and
                 ``target_boxes``, the batch's targets concatenated: (N,) int64 and (N, 4) cxcywh.
             normaliser: the divisor of every sum.
+            query_mask: (B, Q) bool, True on the queries the class loss counts; None: all.
 
         Returns:
             (S, 3) losses (class, bbox, giou) of each set.
@@ -82,6 +84,8 @@ class SetCriterion(nn.Module):
             (sets, image, query, labels[target]), torch.ones((), dtype=logits.dtype, device=logits.device)
         )
         focal = sigmoid_focal_loss(logits, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma)
+        if query_mask is not None:
+            focal = focal.where(query_mask[:, :, None], 0.0)
         matched, wanted = boxes[sets, image, query], target_boxes[target].float()
         per_pair = torch.stack(
             [
@@ -120,9 +124,16 @@ class SetCriterion(nn.Module):
         matching += [(f"_{i}", p) for i, p in enumerate(outputs.aux)]
         if outputs.encoder is not None:
             matching.append(("_enc", outputs.encoder))
-        assignments = self.matcher.assign([(p.logits, p.boxes) for _, p in matching], targets)
-        # (suffixes, predictions, per set per image (query, target) on the host, normaliser)
-        groups = [([s for s, _ in matching], [p for _, p in matching], assignments, num_boxes)]
+        assignments = self.matcher.assign(
+            [(p.logits, p.boxes) for _, p in matching], targets, outputs.num_valid
+        )
+        device = outputs.final.logits.device
+        query_mask = None
+        if outputs.num_valid is not None:
+            valid = torch.tensor(outputs.num_valid).to(device, non_blocking=True)
+            query_mask = torch.arange(outputs.final.logits.shape[1], device=device) < valid[:, None]
+        # (suffixes, predictions, per set per image (query, target) on the host, normaliser, query mask)
+        groups = [([s for s, _ in matching], [p for _, p in matching], assignments, num_boxes, query_mask)]
         if outputs.denoising is not None:
             dn = outputs.denoising
             layers = [dn.final, *dn.aux]
@@ -133,10 +144,10 @@ class SetCriterion(nn.Module):
                     layers,
                     [positives] * len(layers),
                     num_boxes * dn.queries.num_groups,
+                    None,
                 )
             )
-        device = outputs.final.logits.device
-        host = [_pair_rows(per_set, offsets) for _, _, per_set, _ in groups]
+        host = [_pair_rows(per_set, offsets) for _, _, per_set, _, _ in groups]
         sizes = [rows.shape[1] for rows in host]
         rows = torch.from_numpy(np.concatenate(host, 1))
         if device.type == "cuda":
@@ -146,7 +157,7 @@ class SetCriterion(nn.Module):
         target_boxes = torch.cat([t["boxes"] for t in targets])
         terms: dict[str, torch.Tensor] = {}
         totals = []
-        for (suffixes, predictions, _, normaliser), group_pairs in zip(groups, pairs):
+        for (suffixes, predictions, _, normaliser, mask), group_pairs in zip(groups, pairs):
             losses = self.stacked_losses(
                 torch.stack([p.logits for p in predictions]),
                 torch.stack([p.boxes for p in predictions]),
@@ -154,6 +165,7 @@ class SetCriterion(nn.Module):
                 labels,
                 target_boxes,
                 normaliser,
+                mask,
             ) * self.weight_vector.to(device)
             values = iter(losses.flatten().unbind())
             for suffix in suffixes:

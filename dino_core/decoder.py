@@ -60,10 +60,16 @@ class DecoderLayer(nn.Module):
         level_start_index: torch.Tensor,
         memory_padding_mask: torch.Tensor | None,
         self_attn_mask: torch.Tensor | None,
+        query_padding_mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        """tgt, query_pos (B, N, C); reference_points (B, N, L, 4); memory (B, S, C) -> (B, N, C)."""
+        """tgt, query_pos (B, N, C); reference_points (B, N, L, 4); memory (B, S, C) -> (B, N, C).
+
+        self_attn_mask (N, N) and query_padding_mask (B, N) are bool, True where blocked.
+        """
         q = tgt + query_pos
-        attended = self.self_attn(q, q, tgt, attn_mask=self_attn_mask, need_weights=False)[0]
+        attended = self.self_attn(
+            q, q, tgt, attn_mask=self_attn_mask, key_padding_mask=query_padding_mask, need_weights=False
+        )[0]
         tgt = self.norm2(tgt + self.dropout2(attended))
         attended = self.cross_attn(
             tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index, memory_padding_mask
@@ -101,6 +107,7 @@ class Decoder(nn.Module):
         valid_ratios: torch.Tensor,
         memory_padding_mask: torch.Tensor | None,
         self_attn_mask: torch.Tensor | None,
+        query_padding_mask: torch.Tensor | None,
         box_head: nn.Module,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Decode.
@@ -111,6 +118,8 @@ class Decoder(nn.Module):
             memory: (B, S, C) encoder output.
             valid_ratios: (B, L, 2) (w, h) share of each level's padded map covered by the image.
             self_attn_mask: (N, N) bool, True where blocked.
+            query_padding_mask: (B, N) bool, True on queries no other query may attend to (an image's
+                matching queries beyond its own tokens), or None.
             box_head: the shared head mapping a layer's output to a box delta in logit space.
 
         Returns:
@@ -135,6 +144,7 @@ class Decoder(nn.Module):
                 level_start_index,
                 memory_padding_mask,
                 self_attn_mask,
+                query_padding_mask,
             )
             if self.checkpointing and self.training and torch.is_grad_enabled():
                 tgt = checkpoint(layer, *args, use_reentrant=False)

@@ -57,6 +57,9 @@ class DetectorOutput:
     anchors: torch.Tensor
     """(B, Q, 4) the matching queries' initial anchors in [0, 1] (for ATD)."""
     denoising: DenoisingOutput | None
+    num_valid: tuple[int, ...] | None = None
+    """Per image, how many of the Q matching queries (the first ones) are its own; the rest exist only
+    because a larger image shares the batch: matching, losses and post-processing ignore them. None: all."""
 
 
 @dataclass
@@ -76,6 +79,8 @@ class EncodedImages:
     """(B, L, 2) each image's own (h_l, w_l)."""
     valid_ratios: torch.Tensor
     """(B, L, 2) (w, h) share of each padded level map covered by the image."""
+    image_tokens: tuple[int, ...] | None = None
+    """(B,) tokens inside each image's own area; None when no image is padded."""
 
 
 def validate_inputs(images: torch.Tensor, image_sizes: torch.Tensor) -> list[tuple[int, int]]:
@@ -212,6 +217,7 @@ class DINO(nn.Module):
         ).to(src.dtype)
         padding_mask = ~torch.cat([m.flatten(1) for m in masks], 1) if padded else None
         device = src.device
+        image_tokens = tuple(valid_sizes.prod(-1).sum(-1).tolist()) if padded else None
         shapes_tensor = torch.as_tensor(shapes, dtype=torch.long, device=device)
         starts = [0]
         for h, w in shapes[:-1]:
@@ -221,12 +227,18 @@ class DINO(nn.Module):
         ratios = (valid_sizes.to(torch.float32) / shapes_tensor.to(torch.float32)).flip(-1)
         refs = encoder_reference_points(shapes, valid_sizes)
         memory = self.encoder(src, pos, shapes_tensor, start, refs, padding_mask)
-        return EncodedImages(memory, padding_mask, shapes, shapes_tensor, start, valid_sizes, ratios)
+        return EncodedImages(
+            memory, padding_mask, shapes, shapes_tensor, start, valid_sizes, ratios, image_tokens
+        )
 
     def select_queries(self, encoded: EncodedImages) -> SelectedQueries:
         """The Q matching queries (see :mod:`dino_core.query_selection`)."""
         return self.query_selection(
-            encoded.memory, encoded.padding_mask, encoded.spatial_shapes, encoded.valid_sizes
+            encoded.memory,
+            encoded.padding_mask,
+            encoded.spatial_shapes,
+            encoded.valid_sizes,
+            encoded.image_tokens,
         )
 
     def prepare_denoising(
@@ -251,10 +263,18 @@ class DINO(nn.Module):
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Decode [denoising queries, matching queries]: per layer hidden (B, P + Q, C) and boxes."""
         content, anchors, mask = queries.content, queries.anchors, None
+        query_padding = None
+        if queries.num_valid is not None:
+            counts = torch.tensor(queries.num_valid).to(content.device, non_blocking=True)
+            query_padding = torch.arange(content.shape[1], device=content.device) >= counts[:, None]
         if denoising is not None:
             content = torch.cat([denoising.content.to(content.dtype), content], 1)
             anchors = torch.cat([denoising.anchors, anchors], 1)
             mask = denoising.attn_mask
+            if query_padding is not None:
+                query_padding = torch.cat(
+                    [query_padding.new_zeros(len(content), denoising.num_queries), query_padding], 1
+                )
         return self.decoder(
             content,
             anchors,
@@ -264,6 +284,7 @@ class DINO(nn.Module):
             encoded.valid_ratios,
             encoded.padding_mask,
             mask,
+            query_padding,
             self.box_head,
         )
 
@@ -305,6 +326,7 @@ class DINO(nn.Module):
             encoder=encoder,
             anchors=queries.anchors.sigmoid(),
             denoising=dn_output,
+            num_valid=queries.num_valid,
         )
 
     def forward(
@@ -336,4 +358,6 @@ class DINO(nn.Module):
         self, outputs: DetectorOutput, target_sizes: torch.Tensor
     ) -> list[dict[str, torch.Tensor]]:
         """Top ``num_select`` detections per image, boxes xyxy in the pixels of target_sizes (B, 2) (h, w)."""
-        return postprocess(outputs.final.logits, outputs.final.boxes, target_sizes, self.num_select)
+        return postprocess(
+            outputs.final.logits, outputs.final.boxes, target_sizes, self.num_select, outputs.num_valid
+        )

@@ -74,12 +74,16 @@ class HungarianMatcher(nn.Module):
 
     @torch.no_grad()
     def assign(
-        self, predictions: list[tuple[torch.Tensor, torch.Tensor]], targets: list[dict[str, torch.Tensor]]
+        self,
+        predictions: list[tuple[torch.Tensor, torch.Tensor]],
+        targets: list[dict[str, torch.Tensor]],
+        num_valid: tuple[int, ...] | None = None,
     ) -> list[list[tuple[np.ndarray, np.ndarray]]]:
         """Assignments of several prediction sets (logits (B, Q, K), boxes (B, Q, 4)), on the host.
 
         Sets of one shape (in a training step: every decoder layer and the encoder proposals) get their
-        costs in one batched computation and one device-to-host copy.
+        costs in one batched computation and one device-to-host copy. ``num_valid``: per image, how many
+        of its queries (the first ones) may be assigned; None: all.
 
         Returns:
             per prediction set, per image, (query indices, target indices) as int64 numpy arrays.
@@ -103,13 +107,17 @@ class HungarianMatcher(nn.Module):
                 if n == 0 or cost is None:
                     assignments.append((empty, empty))
                     continue
-                rows, cols = linear_sum_assignment(np.ascontiguousarray(cost[i, :, :n]))
+                queries = cost.shape[1] if num_valid is None else num_valid[i]
+                rows, cols = linear_sum_assignment(np.ascontiguousarray(cost[i, :queries, :n]))
                 assignments.append((rows.astype(np.int64), cols.astype(np.int64)))
             results.append(assignments)
         return results
 
     def match_many(
-        self, predictions: list[tuple[torch.Tensor, torch.Tensor]], targets: list[dict[str, torch.Tensor]]
+        self,
+        predictions: list[tuple[torch.Tensor, torch.Tensor]],
+        targets: list[dict[str, torch.Tensor]],
+        num_valid: tuple[int, ...] | None = None,
     ) -> list[list[Match]]:
         """:meth:`assign` with the indices as tensors on the predictions' device."""
         device = predictions[0][0].device
@@ -118,11 +126,16 @@ class HungarianMatcher(nn.Module):
                 (torch.as_tensor(rows, device=device), torch.as_tensor(cols, device=device))
                 for rows, cols in assignments
             ]
-            for assignments in self.assign(predictions, targets)
+            for assignments in self.assign(predictions, targets, num_valid)
         ]
 
     def forward(
-        self, logits: torch.Tensor, boxes: torch.Tensor, targets: list[dict[str, torch.Tensor]]
+        self,
+        logits: torch.Tensor,
+        boxes: torch.Tensor,
+        targets: list[dict[str, torch.Tensor]],
+        num_valid: tuple[int, ...] | None = None,
     ) -> list[Match]:
-        """Match one set: logits (B, Q, K), boxes (B, Q, 4) -> per image (query idx, target idx)."""
-        return self.match_many([(logits, boxes)], targets)[0]
+        """Match one set: logits (B, Q, K), boxes (B, Q, 4) -> per image (query idx, target idx); only
+        the first ``num_valid[b]`` queries of image b when given."""
+        return self.match_many([(logits, boxes)], targets, num_valid)[0]

@@ -83,12 +83,12 @@ class Neck(nn.Module):
 
         Args:
             features: per backbone stage (B, C_l, H_l, W_l), zero outside each image's map.
-            valid_sizes: (B, num_backbone_levels, 2) each image's own (h_l, w_l).
+            valid_sizes: (B, num_backbone_levels, 2) each image's own (h_l, w_l), on the CPU.
             padded: whether any image of the batch is padded (otherwise masks are skipped).
 
         Returns:
-            maps: per level (B, d_model, H_l, W_l); masks: per level (B, H_l, W_l) bool valid pixels;
-            valid_sizes: (B, num_levels, 2).
+            maps: per level (B, d_model, H_l, W_l); masks: per level (B, H_l, W_l) bool valid pixels, on the
+            maps' device; valid_sizes: (B, num_levels, 2) on the CPU.
         """
         sizes = [valid_sizes[:, i] for i in range(valid_sizes.shape[1])]
         shapes = [tuple(f.shape[-2:]) for f in features]
@@ -97,7 +97,7 @@ class Neck(nn.Module):
             sizes.append(torch.div(sizes[-1] + 1, 2, rounding_mode="floor"))
             shapes.append(((shapes[-1][0] + 1) // 2, (shapes[-1][1] + 1) // 2))
         all_sizes = torch.stack(sizes, dim=1)
-        masks = valid_masks(all_sizes, shapes)
+        masks = valid_masks(all_sizes.to(features[0].device), shapes)
         maps = []
         for level, projection in enumerate(self.projections):
             if level < self.num_backbone_levels:

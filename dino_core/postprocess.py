@@ -8,7 +8,11 @@ from dino_core.box_ops import cxcywh_to_xyxy
 
 
 def postprocess(
-    logits: torch.Tensor, boxes: torch.Tensor, target_sizes: torch.Tensor, num_select: int
+    logits: torch.Tensor,
+    boxes: torch.Tensor,
+    target_sizes: torch.Tensor,
+    num_select: int,
+    num_valid: tuple[int, ...] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Keep the ``num_select`` highest-scoring (query, class) pairs of each image.
 
@@ -17,10 +21,16 @@ def postprocess(
         boxes: (B, Q, 4) cxcywh in [0, 1] of each image.
         target_sizes: (B, 2) (h, w) of the pixel frame the boxes are wanted in (the original image).
         num_select: k (capped at Q * K).
+        num_valid: per image, how many of its queries (the first ones) to read; None: all Q.
 
     Returns:
         per image {"scores" (k,), "labels" (k,) int64 class index (= category id), "boxes" (k, 4) xyxy}.
     """
+    if num_valid is not None:
+        return [
+            postprocess(logits[i : i + 1, :n], boxes[i : i + 1, :n], target_sizes[i : i + 1], num_select)[0]
+            for i, n in enumerate(num_valid)
+        ]
     b, q, k = logits.shape
     probs = logits.float().sigmoid().view(b, q * k)
     scores, index = torch.topk(probs, min(num_select, q * k), dim=1)

@@ -29,6 +29,10 @@ class SelectedQueries:
     """(B, Q, K) class logits of the selected proposals (encoder loss), None for static."""
     encoder_boxes: torch.Tensor | None
     """(B, Q, 4) refined selected proposals in [0, 1], with gradient (encoder loss), None for static."""
+    num_valid: tuple[int, ...] | None = None
+    """Per image, how many of its Q queries (the first ones) come from its own tokens; None when all do.
+    An image padded into a batch with fewer tokens of its own than Q would otherwise get padding tokens
+    as queries, and its outputs would depend on the batch."""
 
 
 def encoder_proposals(
@@ -98,8 +102,10 @@ class QuerySelection(nn.Module):
         padding_mask: torch.Tensor | None,
         spatial_shapes: list[tuple[int, int]],
         valid_sizes: torch.Tensor,
+        image_tokens: tuple[int, ...] | None,
     ) -> SelectedQueries:
-        """memory (B, S, C), padding_mask (B, S) or None, valid_sizes (B, L, 2) -> the Q matching queries."""
+        """memory (B, S, C), padding_mask (B, S) or None, valid_sizes (B, L, 2), image_tokens (each image's
+        own token count, None when no image is padded) -> the Q matching queries."""
         b = memory.shape[0]
         if self.mode == "static":
             return SelectedQueries(
@@ -116,7 +122,11 @@ class QuerySelection(nn.Module):
         if padding_mask is not None:
             # Padded tokens would tie with the border tokens; they must never take an image's slot.
             scores = scores.masked_fill(padding_mask, float("-inf"))
+        # Sorted: an image's own tokens (finite scores) come before any padding token (-inf).
         top = torch.topk(scores, min(self.num_queries, scores.shape[1]), dim=1).indices  # (B, Q)
+        num_valid = None
+        if image_tokens is not None and min(image_tokens) < top.shape[1]:
+            num_valid = tuple(min(n, top.shape[1]) for n in image_tokens)
         anchors = torch.gather(boxes, 1, top[..., None].expand(-1, -1, 4))
         selected = torch.gather(features, 1, top[..., None].expand(-1, -1, features.shape[-1]))
         if self.mode == "mixed":
@@ -128,4 +138,5 @@ class QuerySelection(nn.Module):
             anchors=anchors.detach(),
             encoder_logits=torch.gather(logits, 1, top[..., None].expand(-1, -1, logits.shape[-1])),
             encoder_boxes=anchors.sigmoid(),
+            num_valid=num_valid,
         )

@@ -102,6 +102,79 @@ def test_outputs_do_not_depend_on_padding(make) -> None:
     torch.testing.assert_close(detections[0]["boxes"], single[0]["boxes"], atol=1e-3, rtol=0)
 
 
+def _small_beside_large(model, small: torch.Tensor, large: torch.Tensor):
+    """The model's outputs for [small, large] padded into one batch, and for each image alone."""
+    batch = torch.zeros(2, 3, *large.shape[-2:])
+    batch[0, :, : small.shape[-2], : small.shape[-1]], batch[1] = small[0], large[0]
+    sizes = torch.tensor([small.shape[-2:], large.shape[-2:]])
+    return model(batch, sizes), model(small, sizes[:1]), model(large, sizes[1:])
+
+
+@torch.no_grad()
+def test_image_with_fewer_tokens_than_queries_does_not_depend_on_padding() -> None:
+    """A 64x96 image has 8 tokens (debug model: strides 32 and 64), fewer than its 30 queries. Padded beside
+    a 256x256 image, the batch has room for 30 queries per image: the 22 beyond its own tokens must not
+    change its outputs (self-attention), nor be matched, scored or post-processed."""
+    torch.manual_seed(0)
+    cfg = preset("debug")
+    model, criterion = build_dino(cfg).eval(), build_criterion(cfg)
+    small, large = torch.randn(1, 3, 64, 96), torch.randn(1, 3, 256, 256)
+    together, alone, alone_large = _small_beside_large(model, small, large)
+    assert together.num_valid == (8, 30) and alone.num_valid is None
+    assert together.final.logits.shape[1] == 30 and alone.final.logits.shape[1] == 8
+    for part in ("logits", "boxes"):
+        torch.testing.assert_close(
+            getattr(together.final, part)[0, :8], getattr(alone.final, part)[0], atol=1e-5, rtol=1e-5
+        )
+        torch.testing.assert_close(
+            getattr(together.final, part)[1], getattr(alone_large.final, part)[0], atol=1e-5, rtol=1e-5
+        )
+    sizes = torch.tensor([[64, 96], [256, 256]])
+    detections = model.postprocess(together, sizes)
+    single = model.postprocess(alone, sizes[:1])[0]
+    assert len(detections[0]["scores"]) == len(single["scores"]) == cfg.num_select
+    for key in ("scores", "labels", "boxes"):
+        torch.testing.assert_close(detections[0][key], single[key], atol=1e-4, rtol=0)
+    # The loss of the batch is the sum of the two images' losses: 12 boxes for the small image (more than
+    # its 8 queries: none may go to a padding query) and 3 for the large one.
+    g = torch.Generator().manual_seed(1)
+
+    def boxes(n: int) -> dict[str, torch.Tensor]:
+        centres, extents = (
+            0.2 + 0.6 * torch.rand(n, 2, generator=g),
+            0.1 + 0.3 * torch.rand(n, 2, generator=g),
+        )
+        return {
+            "labels": torch.randint(0, cfg.num_classes, (n,), generator=g),
+            "boxes": torch.cat([centres, extents], 1),
+        }
+
+    targets = [boxes(12), boxes(3)]
+    batch_loss = criterion(together, targets, num_boxes=1.0)
+    split = [criterion(alone, targets[:1], num_boxes=1.0), criterion(alone_large, targets[1:], num_boxes=1.0)]
+    for name in ("loss_class", "loss_bbox", "loss_giou", "loss_class_enc", "loss_bbox_0", "loss"):
+        torch.testing.assert_close(batch_loss[name], split[0][name] + split[1][name], atol=1e-4, rtol=1e-4)
+
+
+def test_fewer_tokens_than_queries_trains_with_denoising() -> None:
+    """Training mode: denoising queries and the padded matching queries share one self-attention."""
+    torch.manual_seed(0)
+    cfg = preset("debug")
+    model, criterion = build_dino(cfg).train(), build_criterion(cfg)
+    small, large = torch.randn(1, 3, 64, 96), torch.randn(1, 3, 256, 256)
+    batch = torch.zeros(2, 3, 256, 256)
+    batch[0, :, :64, :96], batch[1] = small[0], large[0]
+    targets = [
+        {"labels": torch.tensor([1, 2]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4], [0.3, 0.3, 0.2, 0.2]])},
+        {"labels": torch.tensor([3]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])},
+    ]
+    outputs = model(batch, torch.tensor([[64, 96], [256, 256]]), targets)
+    assert outputs.num_valid == (8, 30) and outputs.denoising is not None
+    losses = criterion(outputs, targets)
+    losses["loss"].backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
 def test_tiny_model_overfits_two_images(coco_sample) -> None:
     torch.manual_seed(0)
     cfg = preset("debug")
