@@ -2,12 +2,19 @@
 
 The command picks a primary config (``conf/<command>.yaml``); everything after it is Hydra's (overrides,
 ``--multirun``, ``--cfg job``). The composed config is validated against the command's schema before the
-stage function is called, so nothing runs on an invalid config.
+stage function is called, so nothing runs on an invalid config. Before anything is written into the
+command's ``out``, the CLI refuses an ``out`` that holds another command's output (:func:`out_refusal`);
+Hydra's record of the command (``out/.hydra/config.yaml``, ``hydra.yaml``, ``overrides.yaml``) is written
+only once the stage has accepted its inputs (:func:`pipeline.config.inputs_accepted`, or the stage ended
+with exit code 0 or an exception), so a refused command leaves an existing ``out`` byte for byte as it was.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime
+import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,9 +22,25 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import COMMANDS, CONF_DIR, Command, ConfigError, register, validate
+from pipeline.config import (
+    COMMANDS,
+    CONF_DIR,
+    Command,
+    ConfigError,
+    defer_until_accepted,
+    drop_deferred,
+    inputs_accepted,
+    register,
+    validate,
+)
+
+RECORD_DIR = ".hydra"
+"""Where the command's record goes in ``out`` (Hydra's own ``output_subdir`` is off: conf/stage_base.yaml)."""
+TRAINING = ("pretrain", "finetune")
+REFUSED = 2
+"""The exit code of a command that refused its input before doing any work."""
 
 
 def usage() -> str:
@@ -29,7 +52,77 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def out_owner(out: Path) -> tuple[str, str] | None:
+    """Which command's output the folder ``out`` holds, from the files at its top (cheap: no big file is
+    read): ``(command, evidence)``; None for a missing folder or one that no command's output is in."""
+    if not out.is_dir():
+        return None
+    if (out / "summary.json").is_file():
+        return "run", "summary.json: a pipeline's folder"
+    try:
+        recorded = json.loads((out / "COMPLETED.json").read_text())
+        if isinstance(recorded, dict) and recorded.get("command") in COMMANDS:
+            return str(recorded["command"]), "COMPLETED.json: a stage of a pipeline"
+    except (OSError, ValueError):
+        pass
+    markers = [n for n in ("checkpoints", "model.json", "train_result.json") if (out / n).exists()]
+    if markers:
+        try:
+            stage = json.loads((out / "model.json").read_text()).get("stage")
+        except (OSError, ValueError, AttributeError):
+            stage = None
+        return (stage if stage in TRAINING else "pretrain/finetune"), f"{', '.join(markers)}: a training run"
+    if (out / "manifest.json").is_file():
+        return "shard", "manifest.json: a shard split"
+    if (out / "metrics.json").is_file() and (out / "detections.json").is_file():
+        return "eval", "metrics.json, detections.json: an evaluation"
+    if (out / "demo.json").is_file():
+        return "make-demo-data", "demo.json: the demo dataset"
+    return None
+
+
+def out_refusal(command: str, out: Path) -> str | None:
+    """Why ``command`` may not write into ``out`` (it holds another command's output), or None.
+
+    A training stage into a training run's folder is the training stage's own check (it compares the
+    checkpoints' stage, model and class table); ``shard``'s ``out`` is the root its splits go under, so a
+    split folder is refused for it too.
+    """
+    owner = out_owner(out)
+    if owner is None:
+        return None
+    stage, evidence = owner
+    if command in TRAINING and (stage in TRAINING or stage == "pretrain/finetune"):
+        return None
+    if command == "shard" and stage == "shard" and evidence.startswith("manifest.json"):
+        return (
+            f"out={out} is a shard split ({evidence}); shard's out= is the root the splits go under "
+            f"(<out>/<dataset>/<split>/): out={out.parent.parent}"
+        )
+    if stage == command:
+        return None
+    suggestion = out.with_name(f"{out.name}_{command.replace('-', '_')}")
+    return (
+        f"out={out} holds the output of {stage} ({evidence}); {command} would write its files among "
+        f"them: give {command} a folder of its own, e.g. out={suggestion}"
+    )
+
+
+def _write_record(task_cfg: DictConfig) -> None:
+    """Hydra's record of the command (what its ``output_subdir`` would have held) into ``out/.hydra``."""
+    hydra_cfg = HydraConfig.get()
+    folder = Path(hydra_cfg.runtime.output_dir) / RECORD_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, node in (
+        ("config.yaml", task_cfg),
+        ("hydra.yaml", HydraConfig.instance().cfg),
+        ("overrides.yaml", hydra_cfg.overrides.task),
+    ):
+        (folder / name).write_text(OmegaConf.to_yaml(node), encoding="utf-8")
+
+
 def _run(command: Command, cfg: DictConfig) -> int | None:
+    task_cfg = copy.deepcopy(cfg)  # as composed, before the changes below (what Hydra would record)
     sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     if "out" in cfg and sweep:
         # Each job of a sweep writes to its own directory (<sweep dir>/<job number>).
@@ -46,8 +139,23 @@ def _run(command: Command, cfg: DictConfig) -> int | None:
         config = validate(cfg)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
-    return command.entry_function()(config)
+        return REFUSED
+    if "out" in cfg:
+        refusal = out_refusal(command.name, Path(str(cfg.out)))
+        if refusal:
+            print(f"error: {refusal}", file=sys.stderr)
+            return REFUSED
+        drop_deferred()
+        defer_until_accepted(lambda: _write_record(task_cfg))
+    try:
+        code = command.entry_function()(config)
+    except BaseException:
+        inputs_accepted()  # a crash, not a refusal: record what ran
+        raise
+    if not code:
+        inputs_accepted()
+    drop_deferred()  # refused or failed before accepting its inputs: out keeps the record of its last run
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -70,7 +178,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     for arg in rest:
         if arg.startswith("out=") and Path(arg[4:]).is_file():  # Hydra would fail creating it, in a traceback
             print(f"error: {arg} is a file; out= takes a directory", file=sys.stderr)
-            return 2
+            return REFUSED
+        key, _, value = arg.partition("=")
+        if key == "shards" and "{" in value and not re.fullmatch(r"'.*'|\".*\"", value):
+            # Hydra's override grammar reads {...} as a dict and fails with a parser message.
+            print(
+                f"error: {arg}: quote the template for Hydra, e.g. \"shards='{value}'\" in the shell",
+                file=sys.stderr,
+            )
+            return REFUSED
     register(command)
     status: list[int | None] = []
 

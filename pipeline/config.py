@@ -32,6 +32,28 @@ class ConfigError(ValueError):
     """A composed configuration that does not validate; the message names the key and the problem."""
 
 
+_deferred: list[Callable[[], None]] = []
+"""What the CLI does only once the running command has accepted its inputs (see :func:`inputs_accepted`)."""
+
+
+def defer_until_accepted(action: Callable[[], None]) -> None:
+    """Run ``action`` when the running command calls :func:`inputs_accepted` (the CLI: Hydra's record)."""
+    _deferred.append(action)
+
+
+def drop_deferred() -> None:
+    """Forget the deferred actions (the command was refused, or it ended)."""
+    _deferred.clear()
+
+
+def inputs_accepted() -> None:
+    """Called by a stage once its inputs are checked, before it writes into its ``out``: runs what the CLI
+    deferred until then (the record of the command in ``out/.hydra``), so that a refused command leaves
+    ``out`` as it was. Idempotent; does nothing outside the CLI (tests, the stages of ``run``)."""
+    while _deferred:
+        _deferred.pop(0)()
+
+
 @dataclass(frozen=True)
 class Command:
     """One CLI command: its primary config, its schema and the function that runs it."""

@@ -39,9 +39,11 @@ import ray
 
 from pipeline.checkpoint import atomic_write_bytes
 from pipeline.config import COMMANDS, CONF_DIR, ConfigError, compose, flatten, to_yaml, validate
+from pipeline.data.coco_source import resolve_sources
 from pipeline.data.config import ShardStageConfig
+from pipeline.data.manifest import is_remote
 from pipeline.data.shard import superseded_split
-from pipeline.orchestrate_config import RunConfig, StageSpec
+from pipeline.orchestrate_config import PATH_ENV, RunConfig, StageSpec
 from pipeline.stage_task import run_stage
 from pipeline.tracking import NullTracker, Tracker, create_run, end_run, finite, git_commit, ui_command
 
@@ -188,6 +190,80 @@ def plan(cfg: RunConfig) -> list[Stage]:
     if problems:
         raise PipelineError("invalid pipeline configuration:\n  " + "\n  ".join(problems))
     return stages
+
+
+def external_inputs(stage: Stage) -> list[tuple[str, Path, str]]:
+    """The local files and folders a stage reads that it does not get from another stage: ``(config key,
+    path, "file" | "folder" | "path")`` (dataset roots and annotation files, backbone weights, manifests,
+    checkpoints and ``init`` given as paths). Computed from the config alone: nothing is read."""
+    config, found = stage.config, []
+    if stage.command == "shard":
+        data = config.dataset
+        for source in resolve_sources(data):
+            found.append(
+                (
+                    "dataset.annotations" if data.annotations is not None else "dataset.root",
+                    source.annotations,
+                    "file",
+                )
+            )
+            found.append(
+                ("dataset.images" if data.images is not None else "dataset.root", source.image_root, "folder")
+            )
+    elif stage.command in DRIVER_COMMANDS:
+        if config.train.backbone_weights is not None:
+            found.append(("train.backbone_weights", Path(config.train.backbone_weights), "file"))
+        if config.init is not None:
+            found.append(("init", Path(config.init), "folder"))
+        for key in ("data", "val_data"):
+            if getattr(config, key):
+                found.append((key, Path(str(getattr(config, key))), "path"))
+        for i, source in enumerate(config.data_sources):
+            found.append((f"data_sources[{i}].manifest", Path(source.manifest), "path"))
+    elif stage.command == "eval":
+        found += [("checkpoint", Path(config.checkpoint), "path"), ("data", Path(str(config.data)), "path")]
+    return [(key, path, kind) for key, path, kind in found if not is_remote(str(path))]
+
+
+def _within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_inputs(cfg: RunConfig, stages: list[Stage]) -> None:
+    """Fail naming every local input of the stages to run that is missing (:func:`external_inputs`), before
+    any work: a mistyped dataset root or weight file would otherwise surface after hours of earlier stages.
+    Paths under the pipeline's ``out`` are left alone: earlier stages write them. Existence checks only.
+
+    Raises:
+        PipelineError: one line per missing path: the stage, the key, the path and what to set.
+    """
+    root = Path(cfg.out).resolve()
+    paths = {name: getattr(cfg.paths, name) for name in PATH_ENV if getattr(cfg.paths, name)}
+    problems = []
+    for stage in stages:
+        if stage.status != "pending":
+            continue
+        record = read_record(stage.record_path)
+        if stage.name not in cfg.force and record and record.get("config_sha256") == stage.config_sha256:
+            continue  # complete for this config: skipped (an input stage that reruns makes it check its own)
+        for key, path, kind in external_inputs(stage):
+            resolved = path.resolve()
+            if _within(resolved, root):
+                continue
+            exists = {"file": resolved.is_file, "folder": resolved.is_dir, "path": resolved.exists}[kind]()
+            if exists:
+                continue
+            via = next((n for n, v in paths.items() if _within(path, Path(v))), None)
+            if via is not None:
+                fix = f"set paths.{via} (or {PATH_ENV[via][0]}) to {PATH_ENV[via][1]}"
+            else:
+                fix = (
+                    f"fix {key} in the stage's overrides, or pass 'stages.{stage.name}.extra=[\"{key}=...\"]'"
+                )
+            what = {"file": "no such file", "folder": "no such folder", "path": "not found"}[kind]
+            problems.append(f"stage {stage.name}: {key}: {path}: {what}; {fix}")
+    if problems:
+        raise PipelineError("missing inputs (nothing was run):\n  " + "\n  ".join(problems))
 
 
 def _say(message: str) -> None:
@@ -752,6 +828,7 @@ def run(cfg: RunConfig) -> int:
     root = Path(cfg.out).resolve()
     try:
         stages = plan(cfg)
+        check_inputs(cfg, stages)
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2

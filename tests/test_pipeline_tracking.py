@@ -210,7 +210,10 @@ def test_an_interrupted_run_ends_the_running_stage_s_run_too(tmp_path: Path, mon
 
     monkeypatch.setattr(orchestrate, "run_stage", interrupted)
     monkeypatch.setattr(orchestrate, "connect_ray", lambda cfg: (False, ""))
-    spec = StageSpec(command="pretrain", experiment="demo_pretrain", overrides=["data=/no/manifest.json"])
+    manifest = tmp_path / "data" / "manifest.json"  # exists: `run` checks its stages' outside inputs first
+    manifest.parent.mkdir()
+    manifest.write_text("{}")
+    spec = StageSpec(command="pretrain", experiment="demo_pretrain", overrides=[f"data={manifest}"])
     cfg = RunConfig(name="interrupted", out=tmp_path, stages={"train": spec})
     with pytest.raises(KeyboardInterrupt):
         orchestrate.run(cfg)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
@@ -91,29 +92,47 @@ class Manifest:
         base = self.location.rsplit("/", 1)[0] if "/" in self.location else "."
         return [f"{base}/{shard.name}" for shard in self.shards]
 
-    def check_local_shards(self) -> None:
+    def check_local_shards(self, template: str | None = None) -> None:
         """Fail naming the shards of a split on local disk that are missing or not of their recorded size
         (a deleted or truncated shard would otherwise fail when first read, possibly hours into training).
 
+        ``template``: where the shard files are instead of beside the manifest, with ``{name}`` for each
+        shard's file name (``shards=`` of eval and training); a template of a URL or ``pipe:`` command is
+        left to the reader, as is a manifest read from a URL without one.
+
         Raises:
-            ManifestError: naming up to five such shards and what to do.
+            ManifestError: a template without ``{name}`` or with other fields, or naming up to five shards
+                that are missing or incomplete and what to do.
         """
-        if self.location.startswith(("http://", "https://", "pipe:")):
-            return
+        if template is None:
+            if self.location.startswith(("http://", "https://", "pipe:")):
+                return
+            locations = self.shard_locations()
+        else:
+            locations = shard_template_locations(self, template)
+            if is_remote(template):
+                return
         bad = []
-        for shard, location in zip(self.shards, self.shard_locations()):
+        for shard, location in zip(self.shards, locations):
             try:
                 size = os.stat(location).st_size
             except OSError:
-                bad.append(f"{shard.name} (missing)")
+                bad.append(f"{location} (missing)" if template else f"{shard.name} (missing)")
                 continue
             if size != shard.bytes:
                 bad.append(f"{shard.name} ({size} bytes, the manifest says {shard.bytes})")
-        if bad:
+        if not bad:
+            return
+        if template is not None:
             raise ManifestError(
-                f"{self.location}: {len(bad)} shard(s) missing or incomplete: {', '.join(bad[:5])}; check "
-                "the split with `python -m pipeline shard ... verify=true`, move it aside and shard it again"
+                f"shards={template!r}: {len(bad)} of the {len(self.shards)} shard(s) of {self.location} are "
+                f"missing or incomplete there: {', '.join(bad[:5])}; point shards= at the folder that "
+                "holds them ('/dir/{name}'), or leave it out to read the shards beside the manifest"
             )
+        raise ManifestError(
+            f"{self.location}: {len(bad)} shard(s) missing or incomplete: {', '.join(bad[:5])}; check "
+            "the split with `python -m pipeline shard ... verify=true`, move it aside and shard it again"
+        )
 
     def category_names(self) -> dict[int, str]:
         """Category id -> name."""
@@ -126,6 +145,32 @@ class Manifest:
         data["rejects"] = sorted(data["rejects"], key=_reject_order)
         data["reject_counts"] = dict(sorted(data["reject_counts"].items()))
         return json.dumps(data, indent=1, ensure_ascii=False) + "\n"
+
+
+def is_remote(location: str) -> bool:
+    """A URL (``http://``, ``s3://``, ...) or a ``pipe:`` command: read by WebDataset's gopen, not checked."""
+    return location.startswith("pipe:") or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", location) is not None
+
+
+def shard_template_locations(manifest: Manifest, template: str) -> list[str]:
+    """Each shard's location under ``template`` (``{name}``: its file name).
+
+    Raises:
+        ManifestError: a template without ``{name}`` (every shard would be the same file) or with another
+            field, such as a WebDataset brace range (the manifest lists the shards: ``{name}`` names them).
+    """
+    fix = "name each shard's file with {name}, e.g. shards='/mnt/copy/{name}' (the manifest lists the shards)"
+    try:
+        locations = [template.format(name=shard.name) for shard in manifest.shards]
+    except (KeyError, IndexError, ValueError, AttributeError) as error:
+        raise ManifestError(
+            f"shards={template!r} is not a shard template ({type(error).__name__}: {error}): {fix}"
+        ) from None
+    if "{name}" not in template:
+        raise ManifestError(
+            f"shards={template!r} has no {{name}}, so every shard would be that one file: {fix}"
+        )
+    return locations
 
 
 def _reject_order(reject: dict[str, Any]) -> tuple[int, int, str, str]:
@@ -158,6 +203,17 @@ def read_text(location: str | Path) -> str:
     return Path(text).read_text(encoding="utf-8")
 
 
+def _is_tar(location: str) -> bool:
+    """A local file that is a tar archive (``ustar`` at byte 257), whatever its name."""
+    if location.startswith(("http://", "https://")):
+        return False
+    try:
+        with open(location, "rb") as handle:
+            return handle.read(265)[257:262] == b"ustar"
+    except OSError:
+        return False
+
+
 def load_manifest(location: str | Path) -> Manifest:
     """Read and check a manifest from a path (file or split folder) or an http(s) URL.
 
@@ -168,6 +224,12 @@ def load_manifest(location: str | Path) -> Manifest:
     text_location = str(location)
     if not text_location.startswith(("http://", "https://")) and Path(text_location).is_dir():
         text_location = str(Path(text_location) / MANIFEST_NAME)
+    if text_location.endswith(".tar") or _is_tar(text_location):
+        folder = text_location.rsplit("/", 1)[0] if "/" in text_location else "."
+        raise ManifestError(
+            f"{text_location} is a shard (a tar file), not a manifest: give the split's manifest.json or the "
+            f"folder holding it, e.g. {folder}/{MANIFEST_NAME} or {folder}"
+        )
     try:
         text = read_text(text_location)
     except FileNotFoundError:

@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 
+from pipeline.config import inputs_accepted
 from pipeline.data import rejects as R
 from pipeline.data.coco_source import (
     AnnotationFileError,
@@ -225,6 +227,38 @@ def superseded_split(cfg: ShardStageConfig) -> bool:
     return _made_otherwise(manifest, partition_settings(cfg), sources)
 
 
+IMAGE_PROBES = 64
+"""How many listed images (evenly spread over the split) are looked for before the shard tasks start."""
+
+
+def _check_image_root(cfg: ShardStageConfig, plan: Plan) -> None:
+    """Fail before any shard task when none of :data:`IMAGE_PROBES` listed images, evenly spread over the
+    split (all of them in a smaller split), exists: the image root is wrong, and every image would be a
+    ``missing_image`` reject. Some missing ones are left to the tasks and the reject summary.
+
+    Raises:
+        AnnotationFileError: naming the image root, an image path looked for, and the keys to fix.
+    """
+    count = len(plan.ids)
+    if count == 0:
+        return
+    probes = sorted({int(i) for i in np.linspace(0, count - 1, min(IMAGE_PROBES, count))})
+    offsets, roots = plan.name_offsets, plan.image_roots
+    paths = []
+    for i in probes:
+        name = plan.names[offsets[i] : offsets[i + 1]].decode("utf-8")
+        paths.append(os.path.join(roots[int(plan.sources[i])], name))
+    if any(os.path.isfile(path) for path in paths):
+        return
+    keys = "dataset.images" if cfg.dataset.kind == "coco_format" else "dataset.root (or dataset.images)"
+    looked = "" if len(probes) == count else f" (looked for {len(probes)}, spread over the {count} listed)"
+    raise AnnotationFileError(
+        f"0 of {len(probes)} listed images found under {', '.join(sorted(set(roots)))}{looked}; e.g. "
+        f"{paths[0]} does not exist: is {keys} right? It must be the folder the annotation file's "
+        "file_name values are relative to"
+    )
+
+
 def _summary_of(plan: Plan, results: list[ShardResult]) -> RejectSummary:
     reasons = [r.reason for r in plan.index_rejects] + [r.reason for res in results for r in res.rejects]
     fixes: Counter[str] = Counter()
@@ -302,6 +336,9 @@ def run_shard(cfg: ShardStageConfig) -> ShardSummary:
         f"complete, {len(pending)} to write",
         flush=True,
     )
+    if pending:
+        _check_image_root(cfg, plan)
+    inputs_accepted()
     progress = _Progress(plan.num_shards, len(pending))
     written, write_seconds = _run_tasks(cfg, plan, pending, progress) if pending else ([], 0.0)
     for result in written:

@@ -37,7 +37,7 @@ from torchvision import tv_tensors
 
 from pipeline.data.collate import Batch, TransformedSample, collate
 from pipeline.data.decode import decode_rgb
-from pipeline.data.manifest import Manifest, load_manifest
+from pipeline.data.manifest import Manifest, load_manifest, shard_template_locations
 from pipeline.data.transforms import Target, make_target
 
 Transform = Callable[[tv_tensors.Image, Target], tuple[torch.Tensor, Target]]
@@ -72,10 +72,14 @@ def _as_source(source: StreamSource | tuple[str, float] | str) -> StreamSource:
 
 
 def shard_urls(manifest: Manifest, template: str | None = None) -> list[str]:
-    """The shards of ``manifest`` as paths/URLs (``template`` with ``{name}`` overrides the location)."""
+    """The shards of ``manifest`` as paths/URLs (``template`` with ``{name}`` overrides the location).
+
+    Raises:
+        ManifestError: a template that is not one (see :func:`shard_template_locations`).
+    """
     if template is None:
         return manifest.shard_locations()
-    return [template.format(name=shard.name) for shard in manifest.shards]
+    return shard_template_locations(manifest, template)
 
 
 def iter_shard(url: str) -> Iterator[RawSample]:

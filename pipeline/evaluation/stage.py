@@ -28,6 +28,7 @@ from dino_core.builder import build_criterion
 from dino_core.config import DINOConfig, config_differences, config_from_dict
 from dino_core.presets import PRESETS
 from pipeline.checkpoint import ModelCard, load_card, load_checkpoint
+from pipeline.config import inputs_accepted
 from pipeline.data.manifest import Manifest, ManifestError, load_manifest, read_text
 from pipeline.evaluation.config import EvalConfig, TTAConfig
 from pipeline.evaluation.engine import AnchorDistances, EvalRun, evaluate
@@ -59,7 +60,8 @@ class EvalStageConfig:
     None: the checkpoint's own ``model.json`` defines it. Typed ``Any`` so that Hydra can leave it
     empty (as in ``predict``); checked as a :class:`DINOConfig` below."""
     shards: str | None = None
-    """Where the shard files are, as a template with ``{name}`` (None: beside the manifest)."""
+    """Where the shard files are, as a template with ``{name}`` (None: beside the manifest); local files
+    are checked before the model is loaded, URLs and ``pipe:`` commands are left to the reader."""
     device: str = "auto"
     """``auto`` (this rank's GPU when there is one, else the CPU), ``cpu`` or ``cuda``."""
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -223,8 +225,8 @@ def _evaluate_checkpoint(
         if cfg.checkpoint.is_dir():
             # Refuse on the card alone, before reading any weights.
             check_checkpoint(load_card(cfg.checkpoint), categories, cfg.model)
-        if not cfg.shards:  # a shard template names other copies of the shards
-            manifest.check_local_shards()
+        # Beside the manifest, or where a shard template (``{name}``) puts other copies of the shards.
+        manifest.check_local_shards(cfg.shards or None)
         model, card = load_checkpoint(cfg.checkpoint, cfg.model, device)
         check_checkpoint(card, categories, cfg.model)
     except ValueError as error:  # CheckpointMismatchError, missing shards or an unreadable checkpoint
@@ -246,6 +248,7 @@ def _evaluate_checkpoint(
             "split": manifest.split,
         },
     }
+    inputs_accepted()  # from here on the evaluation writes into out (the CLI's record first)
     tracker.set_tags(
         {
             "dataset.manifest_sha256": header["dataset"]["manifest_sha256"],
