@@ -30,8 +30,8 @@ STAGES = [
 TINY = [
     'stages.demo_data.extra=["pretrain_train=8","pretrain_val=4","finetune_train=8","finetune_val=4",'
     '"min_size=64","max_size=96"]',
-    'stages.pretrain.extra=["train.epochs=1","train.max_steps=2"]',
-    'stages.finetune.extra=["train.epochs=1","train.max_steps=2"]',
+    'stages.pretrain.extra=["train.epochs=1","train.lr_drop_epochs=[]","train.max_steps=2"]',
+    'stages.finetune.extra=["train.epochs=1","train.lr_drop_epochs=[]","train.max_steps=2"]',
     "ray.num_cpus=2",
     "ray.dashboard=false",
 ]
@@ -123,7 +123,7 @@ def test_summary_and_records_describe_every_stage(pipeline_runs: dict) -> None:
 
 def test_changing_a_stage_reruns_it_and_what_reads_it(pipeline_runs: dict) -> None:
     out = pipeline_runs["out"]
-    changed = 'stages.finetune.extra=["train.epochs=1","train.max_steps=1"]'
+    changed = 'stages.finetune.extra=["train.epochs=1","train.lr_drop_epochs=[]","train.max_steps=1"]'
     result = subprocess.run(
         [sys.executable, "-m", "pipeline", "run", f"out={out}", *TINY[:2], changed, "dry_run=true"],
         capture_output=True,
@@ -200,7 +200,9 @@ def test_a_changed_stage_reruns_with_the_stages_reading_it_keeping_the_replaced_
     old_record = json.loads((out / "finetune" / "COMPLETED.json").read_text())
     # The first run's failed eval (another checkpoint) was set aside by the second run.
     assert len(list(out.glob("eval.replaced-*"))) == 1
-    result, summary = _run(out, 'stages.finetune.extra=["train.epochs=1","train.max_steps=1"]')
+    result, summary = _run(
+        out, 'stages.finetune.extra=["train.epochs=1","train.lr_drop_epochs=[]","train.max_steps=1"]'
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert _statuses(summary) == {
         **dict.fromkeys(STAGES[:6], "skipped"),

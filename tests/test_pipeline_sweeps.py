@@ -53,6 +53,7 @@ def _sweep(
     command = [
         sys.executable, "-m", "pipeline", "finetune", "--multirun", "experiment=demo_finetune",
         "model=debug", "launcher=single", f"init={init}", f"data={manifest}", "train.epochs=1",
+        "train.lr_drop_epochs=[]",
         "train.max_steps=2", "train.lr=1e-4,3e-4", f"hydra.sweep.dir={sweep_dir}", *launcher,
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

@@ -20,6 +20,7 @@ from dino_core.builder import build_dino
 from dino_core.config import config_to_dict
 from dino_core.presets import preset
 from pipeline.checkpoint import ModelCard, save_model
+from pipeline.cli import main as cli_main
 from pipeline.coco_categories import COCO_CATEGORIES
 from pipeline.data.transforms import eval_transform
 from pipeline.predict import PredictConfig, predict
@@ -27,6 +28,14 @@ from pipeline.predict import PredictConfig, predict
 
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def _cli_here(capsys: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedProcess:
+    """The same command through the CLI's entry point in this process (no interpreter start-up)."""
+    capsys.readouterr()
+    code = cli_main(list(args))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["pipeline", *args], code, out, err)
 
 
 @pytest.fixture(scope="module")
@@ -121,13 +130,14 @@ def test_predict_keeps_the_class_table_decodes_by_content_and_draws_each_file(
     ]
 
 
-def test_predict_refuses_bad_input_before_loading_a_model(official_checkpoint, tmp_path) -> None:
+def test_predict_refuses_bad_input_before_loading_a_model(official_checkpoint, tmp_path, capsys) -> None:
     checkpoint, images, _ = official_checkpoint
     broken = tmp_path / "broken"
     shutil.copytree(images, broken)
     (broken / "truncated.jpg").write_bytes((images / IMAGES[0]).read_bytes()[:200])
     (broken / "cut.jpg").write_bytes((images / IMAGES[0]).read_bytes()[:3000])  # PIL's verify() passes it
-    result = _cli(
+    result = _cli_here(
+        capsys,
         "predict",
         "model=dino_r50_4scale",
         f"checkpoint={checkpoint}",
@@ -140,9 +150,12 @@ def test_predict_refuses_bad_input_before_loading_a_model(official_checkpoint, t
         and "truncated.jpg" in result.stderr
         and "cut.jpg" in result.stderr
     )
-    result = _cli("predict", f"checkpoint={checkpoint}", f"images={images}", f"output={tmp_path}/o.json")
+    result = _cli_here(
+        capsys, "predict", f"checkpoint={checkpoint}", f"images={images}", f"output={tmp_path}/o.json"
+    )
     assert result.returncode != 0 and "name its preset, e.g. model=dino_r50_4scale" in result.stderr
-    result = _cli(
+    result = _cli_here(
+        capsys,
         "predict",
         "model=dino_r50_5scale",
         f"checkpoint={checkpoint}",
@@ -159,22 +172,23 @@ def test_predict_refuses_bad_input_before_loading_a_model(official_checkpoint, t
         ("device=gpu", "device=gpu is not a device"),
     ]:
         args = [f"checkpoint={checkpoint}", f"images={images}", f"output={tmp_path}/o.json", extra]
-        result = _cli("predict", "model=dino_r50_4scale", *args)
+        result = _cli_here(capsys, "predict", "model=dino_r50_4scale", *args)
         assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
         assert "Traceback" not in result.stderr
     assert image.read_bytes() == before and not (tmp_path / "o.json").exists()
 
 
-def test_model_info_reports_every_preset() -> None:
+def test_model_info_reports_every_preset(capsys) -> None:
     from dino_core import PRESETS
 
     for name in ("dino_r50_4scale", "dino_swinl_4scale", "debug"):
-        result = _cli("model-info", f"model={name}")
+        result = _cli_here(capsys, "model-info", f"model={name}")
         assert result.returncode == 0, result.stderr
         info = json.loads(result.stdout)
         assert info["preset"] == name and info["total_params"] >= info["trainable_params"] > 0
-    assert json.loads(_cli("model-info", "model=dino_swinl_5scale").stdout)["total_params"] == 217_576_690
-    bad = _cli("model-info", "model.num_levels=9")
+    swinl5 = _cli_here(capsys, "model-info", "model=dino_swinl_5scale")
+    assert json.loads(swinl5.stdout)["total_params"] == 217_576_690
+    bad = _cli_here(capsys, "model-info", "model.num_levels=9")
     assert bad.returncode != 0 and "model.num_levels must be in [2, 5], got 9" in bad.stderr
     unknown = _cli("model-info", "model=resnet")
     assert unknown.returncode != 0 and "Could not find 'model/resnet'" in unknown.stderr

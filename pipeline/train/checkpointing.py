@@ -24,6 +24,7 @@ import os
 import random
 import re
 import shutil
+import zipfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ RANKS = "ranks"
 EMA_DIR = "ema"
 STATE_FORMAT = "dino-pipeline/train-state-v1"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+_ZERO_OPTIM = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
 
 
 class CheckpointError(RuntimeError):
@@ -127,8 +129,11 @@ def check_same_run(
     :func:`~dino_core.config.config_to_dict`) or class table. Needs no process group, so the stage checks
     it before launching any worker.
 
+    ``model.num_classes`` is not a ``model=`` setting: the stage derives it from the training data's class
+    table, so a difference there is reported with the class table, as a difference of the data.
+
     Raises:
-        IncompatibleRunError: naming what differs.
+        IncompatibleRunError: naming what differs and the setting (``model=`` or ``data=``) it comes from.
     """
     if saved.stage != stage:
         raise IncompatibleRunError(
@@ -136,19 +141,70 @@ def check_same_run(
         )
     saved_model = _normalised(saved.model, where)
     current_model = config_from_dict(model)
-    if saved_model != current_model:
-        differing = config_differences(saved_model, current_model, "checkpoint")
+    differing = config_differences(saved_model, current_model, "checkpoint")
+    architecture = [d for d in differing if not d.startswith("model.num_classes:")]
+    if saved.classes != classes:
+        problems = []
+        if architecture:
+            problems.append(f"another model ({'; '.join(architecture[:6])})")
+        problems.append(f"another class table ({_class_table_differences(saved.classes, classes)})")
+        raise IncompatibleRunError(
+            f"{where} holds checkpoints trained on {' and on '.join(problems)}. The class table (and "
+            "model.num_classes) come from the training data's manifests (data=, data_sources): use another "
+            f"out= for this data{' and model' if architecture else ''}, or the data="
+            f"{' and model=' if architecture else ''} of that run to continue it"
+        )
+    if differing:
         raise IncompatibleRunError(
             f"{where} holds checkpoints of another model ({'; '.join(differing[:6])}): use another out= for "
             "this model, or the model= of that run to continue it"
         )
-    if saved.classes != classes:
-        saved_ids = {int(c["id"]): c["name"] for c in saved.classes}
-        current_ids = {int(c["id"]): c["name"] for c in classes}
-        diff = sorted(k for k in set(saved_ids) | set(current_ids) if saved_ids.get(k) != current_ids.get(k))
+
+
+def _class_table_differences(saved: list[dict[str, Any]], current: list[dict[str, Any]]) -> str:
+    """``id 1: checkpoint 'cat', data 'dog'; ...`` (the first 5 ids, and how many differ)."""
+    saved_ids = {int(c["id"]): c["name"] for c in saved}
+    current_ids = {int(c["id"]): c["name"] for c in current}
+    ids = sorted(k for k in set(saved_ids) | set(current_ids) if saved_ids.get(k) != current_ids.get(k))
+    shown = [f"id {k}: checkpoint {_name(saved_ids, k)}, data {_name(current_ids, k)}" for k in ids[:5]]
+    more = f"; {len(ids) - 5} more" if len(ids) > 5 else ""
+    return f"{len(ids)} of {len(set(saved_ids) | set(current_ids))} ids differ: {'; '.join(shown)}{more}"
+
+
+def _name(table: dict[int, str], class_id: int) -> str:
+    return repr(table[class_id]) if class_id in table else "no class"
+
+
+def check_finished_settings(recorded: dict[str, Any], current: dict[str, Any], out: Path, steps: int) -> None:
+    """Refuse to call a finished run done when the config asks for other settings (what
+    :meth:`~pipeline.train.config.TrainStageConfig.result_settings` records in ``train_result.json``).
+
+    A finished run is not trained again, so another ``train.lr`` or ``val_data`` would silently not apply.
+    Only settings both sides know are compared (a setting added since the run was recorded is not a
+    difference); a record without settings (written before they were recorded) cannot be compared.
+
+    Raises:
+        IncompatibleRunError: naming every differing setting and the two ways out.
+    """
+    if not recorded:
+        log.warning(
+            "%s records no settings (written by an older version): cannot check that the config matches the "
+            "finished run",
+            out / "train_result.json",
+        )
+        return
+    current = json.loads(json.dumps(current))  # as read back from JSON: lists, not tuples
+    differing = [
+        f"{key}: finished run {recorded[key]!r}, config {current[key]!r}"
+        for key in sorted(recorded.keys() & current.keys())
+        if recorded[key] != current[key]
+    ]
+    if differing:
+        shown = "; ".join(differing[:8]) + (f"; {len(differing) - 8} more" if len(differing) > 8 else "")
         raise IncompatibleRunError(
-            f"{where} holds checkpoints trained on another class table (ids differing: {diff[:10]}): use "
-            "another out= for this data"
+            f"{out} holds a finished run ({steps} steps) of other settings ({shown}), and a finished run is "
+            "not trained again: use a new out= to train with these settings, or the finished run's settings "
+            "to leave it as it is (to train longer, raise train.epochs or train.max_steps)"
         )
 
 
@@ -233,6 +289,65 @@ class CheckpointDir:
             raise CheckpointError(f"{path} is missing: the checkpoint was written by fewer ranks")
         return json.loads(path.read_text())
 
+    def check_files(self, tag: str, state: TrainState) -> None:
+        """Check that checkpoint ``tag`` (whose train state is ``state``) is whole before a run resumes
+        from it: the DeepSpeed files (model states; with ZeRO >= 1 each rank's optimizer states) are
+        complete torch archives, every rank's state is readable JSON, the EMA weights (if any) a complete
+        safetensors file. It reads each file's index, not its data: a truncated or missing file is found
+        in milliseconds, before any process group or model is built.
+
+        Raises:
+            CheckpointError: naming the checkpoint, each damaged file, and how to resume from an earlier
+                checkpoint (nothing is deleted or skipped here).
+        """
+        directory = self.root / tag
+        problems: list[str] = []
+        archives = sorted(p for p in directory.glob("*.pt") if p.is_file())
+        if not any(p.name.endswith("model_states.pt") for p in archives):
+            problems.append("no DeepSpeed model states (*model_states.pt)")
+        if state.zero_stage:
+            with_optim = {int(m[1]) for p in archives if (m := _ZERO_OPTIM.match(p.name))}
+            problems += [
+                f"no ZeRO optimizer states of rank {rank} (zero_pp_rank_{rank}_*optim_states.pt)"
+                for rank in range(state.world_size)
+                if rank not in with_optim
+            ]
+        problems += [f"{p.name}: {problem}" for p in archives if (problem := _archive_problem(p))]
+        for rank in range(state.world_size):
+            path = directory / RANKS / f"rank_{rank:05d}.json"
+            try:
+                rank_state = json.loads(path.read_bytes())
+            except FileNotFoundError:
+                problems.append(f"{RANKS}/{path.name}: missing")
+                continue
+            except (OSError, ValueError) as error:
+                problems.append(f"{RANKS}/{path.name}: not readable JSON ({error})")
+                continue
+            if not isinstance(rank_state, dict) or not {"rng", "meter"} <= rank_state.keys():
+                problems.append(f"{RANKS}/{path.name}: not a rank state (no rng/meter)")
+        ema_file = self.ema_dir(tag) / "model.safetensors"
+        if ema_file.is_file() and (problem := _safetensors_problem(ema_file)):
+            problems.append(f"{EMA_DIR}/{ema_file.name}: {problem}")
+        if problems:
+            raise CheckpointError(
+                f"the checkpoint {directory} is damaged ({'; '.join(problems[:6])}), so the run cannot "
+                f"resume from it. {self.earlier_checkpoint_fix(tag)}"
+            )
+
+    def earlier_checkpoint_fix(self, tag: str) -> str:
+        """What to do about a damaged checkpoint ``tag``: resume from the newest earlier one, or start
+        over."""
+        earlier = [t for t in self.step_dirs() if t < tag]
+        if earlier:
+            return (
+                f"To resume from the checkpoint before it, delete {self.root / tag} and write {earlier[-1]} "
+                f"into {self.root / LATEST} (the steps since then are trained again); or use a new out="
+            )
+        return (
+            f"It is the only checkpoint: use a new out=, or delete {self.root} to train this out= from the "
+            "start"
+        )
+
     def ema_dir(self, tag: str) -> Path:
         """Where the EMA weights of checkpoint ``tag`` are (a model directory)."""
         return self.root / tag / EMA_DIR
@@ -277,6 +392,39 @@ class CheckpointDir:
         for path in stale:
             shutil.rmtree(path, ignore_errors=True)
         return [p.name for p in stale]
+
+
+def _archive_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete torch archive (``torch.save``'s zip format), or None. Reads the zip's
+    central directory, at the end of the file, and checks every member lies inside the file."""
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as error:
+        return f"not a complete torch archive ({size:,} bytes; {error})"
+    if not members:
+        return "an empty archive"
+    end = max(m.header_offset + len(m.filename) + 30 + m.compress_size for m in members)
+    if end > size:
+        return f"cut short ({size:,} bytes, its index needs {end:,})"
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete safetensors file, or None (its header and the data size it names)."""
+    try:
+        with path.open("rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(length)) if 0 < length < 100_000_000 else None
+    except (OSError, ValueError) as error:
+        return f"unreadable header ({error})"
+    if not isinstance(header, dict):
+        return "not a safetensors file"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    needed = 8 + length + max(ends, default=0)
+    size = path.stat().st_size
+    return f"cut short ({size:,} bytes, its header needs {needed:,})" if size < needed else None
 
 
 def _fsync_dir(path: Path) -> None:

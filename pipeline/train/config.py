@@ -14,8 +14,11 @@ there).
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from dino_core.config import DINOConfig
 from dino_core.presets import preset
@@ -26,6 +29,22 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 LAUNCHERS = ("auto", "single", "torchrun", "ray")
 STAGES = ("pretrain", "finetune")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+# Settings that do not change what a stage trains or the numbers it evaluates (bookkeeping, speed, memory,
+# pictures): left out of :meth:`TrainStageConfig.result_settings`.
+_NOT_RESULT_SETTINGS = (
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.nan_patience",
+    "train.activation_checkpointing.",
+    "eval.batch_size",
+    "eval.num_workers",
+    "eval.scorer",
+    "eval.draw_images",
+    "eval.draw_score_threshold",
+    "eval.progress_every_s",
+)
 
 
 def _require(condition: bool, message: str) -> None:
@@ -100,7 +119,8 @@ class TrainConfig:
     """Gradient clipping (global L2 norm); 0 turns it off."""
     lr_drop_epochs: list[int] = field(default_factory=list)
     """At the start of each listed epoch (0-based) the lr of every group is multiplied by
-    ``lr_drop_factor`` (the official StepLR/MultiStepLR, here applied at the step the epoch starts)."""
+    ``lr_drop_factor`` (the official StepLR/MultiStepLR, here applied at the step the epoch starts).
+    Increasing, each in ``1 .. epochs - 1``: a drop the run never reaches is refused."""
     lr_drop_factor: float = 0.1
     warmup_steps: int = 0
     """Linear warm-up from ``lr / warmup_steps`` over this many optimizer steps (0: none, as officially)."""
@@ -158,7 +178,16 @@ class TrainConfig:
         drops = list(self.lr_drop_epochs)
         _require(
             all(e >= 1 for e in drops) and drops == sorted(set(drops)),
-            f"train.lr_drop_epochs must be increasing epochs >= 1, got {drops}",
+            f"train.lr_drop_epochs must be increasing epochs >= 1 (0-based epoch starts; 0 would only lower "
+            f"train.lr), got {drops}",
+        )
+        late = [e for e in drops if e >= self.epochs]
+        _require(
+            not late,
+            f"train.lr_drop_epochs {drops} has drops at epochs {late}, which a run of "
+            f"train.epochs={self.epochs} (epochs 0..{self.epochs - 1}) never reaches; raise train.epochs, or "
+            "leave them out "
+            f"(train.lr_drop_epochs=[{','.join(str(e) for e in drops if e < self.epochs)}])",
         )
         _require(self.num_workers >= 0, f"train.num_workers must be >= 0, got {self.num_workers}")
         _require(self.shuffle_buffer >= 1, f"train.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
@@ -348,7 +377,51 @@ class TrainStageConfig:
             "parameters on the device)",
         )
 
+    def result_settings(self) -> dict[str, Any]:
+        """The settings that decide what the stage trains and the numbers it reports, flat by dotted key
+        (``train.lr``, ``data``, ``tta.scales``; local paths made absolute), as JSON values.
+
+        The completion record keeps them, so that a rerun of a finished stage with other values is refused
+        instead of reported as done. The model and the class table are checked apart (with the
+        checkpoints); bookkeeping (``train.log_every``, ``eval.num_workers``, ...) is left out.
+        """
+        settings: dict[str, Any] = {
+            "data": _location(self.data),
+            "data_sources": [
+                {"manifest": _location(s.manifest), "weight": s.weight, "shards": s.shards}
+                for s in self.data_sources
+            ],
+            "val_data": _location(self.val_data),
+            "init": _location(self.init),
+            "deepspeed.precision": self.deepspeed.precision,
+        }
+        if self.deepspeed.precision == "fp16":
+            settings["deepspeed.fp16_initial_scale_power"] = self.deepspeed.fp16_initial_scale_power
+            settings["deepspeed.fp16_loss_scale_window"] = self.deepspeed.fp16_loss_scale_window
+        for section in ("train", "eval", "tta"):
+            settings.update(_flat(dataclasses.asdict(getattr(self, section)), f"{section}."))
+        settings["train.backbone_weights"] = _location(self.train.backbone_weights)
+        return {k: v for k, v in settings.items() if not k.startswith(_NOT_RESULT_SETTINGS)}
+
     def sources(self) -> list[DataSourceConfig]:
         """The training sources: ``data`` (weight 1) followed by ``data_sources``."""
         first = [DataSourceConfig(manifest=str(self.data))] if self.data else []
         return first + list(self.data_sources)
+
+
+def _location(value: str | Path | None) -> str | None:
+    """A path or URL as the same string from any working directory (local paths made absolute)."""
+    if value is None:
+        return None
+    text = str(value)
+    return text if "://" in text or text.startswith("pipe:") else os.path.abspath(text)
+
+
+def _flat(values: dict[str, Any], prefix: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = str(value) if isinstance(value, Path) else value
+    return out

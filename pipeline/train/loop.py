@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import time
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,7 +39,15 @@ from pipeline.evaluation.outputs import flat_metrics
 from pipeline.evaluation.samples import eval_samples, images_of_rank
 from pipeline.evaluation.stage import atd_function, manifest_sha256, run_evaluation
 from pipeline.tracking import NullTracker, Tracker
-from pipeline.train.checkpointing import CheckpointDir, TrainState, restore_rng, rng_state, step_tag
+from pipeline.train.checkpointing import (
+    CheckpointDir,
+    CheckpointError,
+    TrainState,
+    check_finished_settings,
+    restore_rng,
+    rng_state,
+    step_tag,
+)
 from pipeline.train.config import TrainStageConfig
 from pipeline.train.ema import EMA
 from pipeline.train.engine import DistInfo, Engine, export_fp32_state_dict
@@ -77,11 +87,24 @@ class TrainResult:
     """The checkpoint the model was consolidated from."""
     resumed_from: str | None = None
     """The checkpoint this process started from (None: a fresh start)."""
+    settings: dict[str, Any] = field(default_factory=dict)
+    """The settings the stage finished with (:meth:`TrainStageConfig.result_settings`); empty in records
+    written before they were kept."""
 
 
 def read_result(out: Path) -> TrainResult:
     """The completion record a finished stage wrote (``train_result.json``)."""
     return TrainResult(**json.loads((Path(out) / RESULT_FILE).read_text()))
+
+
+def finished_result(out: Path, global_step: int, total: int) -> TrainResult | None:
+    """The completion record of ``out`` when the run is finished: its latest checkpoint is at
+    ``global_step`` >= ``total`` (the stage's steps under the current config) and the record was written at
+    that step. None when the run has steps left or its export did not complete."""
+    if global_step < total or not (Path(out) / RESULT_FILE).is_file():
+        return None
+    finished = read_result(out)
+    return finished if finished.steps == global_step else None
 
 
 class Trainer:
@@ -132,8 +155,30 @@ class Trainer:
     # ---- resume -------------------------------------------------------------------------------------
 
     def restore(self, tag: str) -> None:
-        """Continue checkpoint ``tag``: weights, optimizer, RNG, unread loss sums, EMA (collective)."""
-        self.engine.load(self.checkpoints.root, tag)
+        """Continue checkpoint ``tag``: weights, optimizer, RNG, unread loss sums, EMA (collective).
+
+        Raises:
+            CheckpointError: DeepSpeed cannot read the checkpoint's files (damage that
+                :meth:`CheckpointDir.check_files`, which reads only their indexes, cannot see).
+        """
+        try:
+            self.engine.load(self.checkpoints.root, tag)
+        except torch.cuda.OutOfMemoryError:
+            raise  # not the files' fault
+        except (
+            RuntimeError,
+            EOFError,
+            OSError,
+            ValueError,
+            pickle.UnpicklingError,
+            zipfile.BadZipFile,
+        ) as error:
+            detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise CheckpointError(
+                f"cannot load the checkpoint {self.checkpoints.root / tag} ({type(error).__name__}: "
+                f"{detail}); if its files are damaged (a cut copy, a full disk): "
+                f"{self.checkpoints.earlier_checkpoint_fix(tag)}"
+            ) from error
         rank_state = self.checkpoints.read_rank_state(tag, self.rank)
         restore_rng(rank_state["rng"], self.info.device)
         self.meter.restore(rank_state["meter"], self.info.device)
@@ -152,13 +197,14 @@ class Trainer:
     def run(self, resumed_from: str | None) -> TrainResult:
         """Train to the end of the stage, write the final checkpoint and the model directory."""
         state = self.state
-        result_file = self.out / RESULT_FILE
-        if resumed_from is not None and state.global_step >= self.total and result_file.is_file():
-            finished = read_result(self.out)
-            if finished.steps == state.global_step:
-                log.info("%s is complete (%d steps): nothing to do", self.out, state.global_step)
-                return finished
         cfg = self.cfg
+        finished = (
+            finished_result(self.out, state.global_step, self.total) if resumed_from is not None else None
+        )
+        if finished is not None:
+            check_finished_settings(finished.settings, cfg.result_settings(), self.out, finished.steps)
+            log.info("%s is complete (%d steps): nothing to do", self.out, state.global_step)
+            return finished
         images_per_step = cfg.train.batch_size * self.info.world_size * cfg.train.grad_accumulation
         self.progress = Progress(
             self.out,
@@ -210,6 +256,7 @@ class Trainer:
             skipped_nonfinite=self.guard.skipped,
             checkpoint=self.last_checkpoint,
             resumed_from=resumed_from,
+            settings=cfg.result_settings(),
         )
 
     def _advance(self) -> None:

@@ -9,7 +9,9 @@ directory contract in ``out``: ``model.safetensors`` (consolidated fp32) + ``mod
 ``train_result.json`` last.
 
 Everything that can be refused is refused before the process group does any work: a bad manifest, an
-``init`` that is not a model directory of this architecture, an ``out`` holding another run's checkpoints.
+``init`` that is not a model directory of this architecture, an ``out`` holding another run's checkpoints,
+a finished run of other settings (``train_result.json`` records them), a damaged checkpoint to resume from.
+A finished run of the same settings is recognised without building the model.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch.distributed as dist
 from dino_core.builder import build_criterion, build_dino
 from dino_core.config import config_to_dict
 from pipeline.checkpoint import atomic_write_bytes
+from pipeline.config import inputs_accepted
 from pipeline.data.manifest import Manifest, ManifestError, load_manifest
 from pipeline.data.stream import StreamSource, train_loader
 from pipeline.data.transforms import train_transform
@@ -39,6 +42,7 @@ from pipeline.train.checkpointing import (
     CheckpointDir,
     CheckpointError,
     TrainState,
+    check_finished_settings,
     check_resumable,
     check_same_run,
 )
@@ -52,8 +56,8 @@ from pipeline.train.engine import (
     init_distributed,
     resolve_precision,
 )
-from pipeline.train.loop import RESULT_FILE, Trainer, TrainResult, read_result
-from pipeline.train.optim import describe_groups, group_rules, parameter_groups
+from pipeline.train.loop import RESULT_FILE, Trainer, TrainResult, finished_result, read_result
+from pipeline.train.optim import describe_groups, group_rules, parameter_groups, total_steps
 from pipeline.train.step import NonFiniteLossError, TrainModule
 from pipeline.train.warm_start import InitError, check_init, load_backbone_weights, load_pretrained
 
@@ -89,8 +93,8 @@ def plan_data(cfg: TrainStageConfig) -> DataPlan:
     sources = [StreamSource(s.manifest, s.weight, s.shards) for s in cfg.sources()]
     manifests = [load_manifest(s.manifest) for s in sources]
     for source, manifest in zip(sources, manifests):
-        if not source.shards:  # a shard template names other copies of the shards
-            manifest.check_local_shards()
+        # Beside the manifest, or where a shard template (``{name}``) puts other copies of the shards.
+        manifest.check_local_shards(source.shards or None)
     tables = [{c.id: c.name for c in m.categories} for m in manifests]
     for manifest, table in zip(manifests[1:], tables[1:]):
         if table != tables[0]:
@@ -204,6 +208,13 @@ def run_training(cfg: TrainStageConfig) -> TrainResult:
     if tag is not None:
         saved = checkpoints.read_state(tag)
         check_resumable(saved, state, checkpoints.root)
+        total = total_steps(cfg.train, loader.batches_per_epoch)
+        finished = finished_result(out, saved.global_step, total)
+        if finished is not None:
+            check_finished_settings(finished.settings, cfg.result_settings(), out, finished.steps)
+            log.info("%s is complete (%d steps): nothing to do", out, finished.steps)
+            return finished  # every rank: the same files, the same answer
+        checkpoints.check_files(tag, saved)  # before the model, the engine and the process group's work
         state = saved
 
     torch.manual_seed(cfg.train.seed)
@@ -306,6 +317,17 @@ def run(cfg: TrainStageConfig) -> int:
         if tag is not None:
             saved = checkpoints.read_state(tag)
             check_same_run(saved, cfg.stage, config_to_dict(model_cfg), plan.classes, checkpoints.root)
+            # The finished run's own epoch length: another one is refused by the workers' resume check.
+            finished = finished_result(
+                cfg.out, saved.global_step, total_steps(cfg.train, saved.batches_per_epoch)
+            )
+            if finished is not None:
+                check_finished_settings(
+                    finished.settings, cfg.result_settings(), Path(cfg.out), finished.steps
+                )
+            else:
+                checkpoints.check_files(tag, saved)
+        inputs_accepted()  # from here on the run writes into out (the CLI's record first)
         result = launch(cfg, run_training)
     except (
         InitError,
