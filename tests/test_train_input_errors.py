@@ -42,12 +42,10 @@ def _config(data: Path, out: Path, **train: object) -> TrainStageConfig:
     )
 
 
-def _checkpoint(cfg: TrainStageConfig, step: int = STEPS) -> TrainState:
-    """A checkpoint of ``cfg``'s run at ``step`` with small stand-ins for DeepSpeed's files; it is latest."""
-    plan = stage.plan_data(cfg)
-    model = dataclasses.replace(cfg.model, num_classes=plan.num_classes)
-    state = TrainState(
-        stage=cfg.stage,
+def _state(step: int, **fields: object) -> TrainState:
+    """The train state of a one-rank, one-image-per-step run at ``step`` (8 batches an epoch)."""
+    values: dict[str, object] = {"stage": "pretrain", "seed": 42, "model": {}, "classes": [], **fields}
+    return TrainState(
         global_step=step,
         epoch=0,
         batch_in_epoch=step,
@@ -57,17 +55,29 @@ def _checkpoint(cfg: TrainStageConfig, step: int = STEPS) -> TrainState:
         batch_size=1,
         num_workers=0,
         grad_accumulation=1,
-        seed=cfg.train.seed,
         batches_per_epoch=8,
-        model=config_to_dict(model),
-        classes=plan.classes,
         zero_stage=0,
+        **values,
     )
-    checkpoints = CheckpointDir(cfg.out)
-    tag = step_tag(step)
+
+
+def _stand_in_files(checkpoints: CheckpointDir, tag: str) -> None:
+    """Small stand-ins for DeepSpeed's model states and one rank's state in checkpoint ``tag``."""
     (checkpoints.root / tag).mkdir(parents=True)
     torch.save({"module": {"w": torch.arange(4096.0)}}, checkpoints.root / tag / "mp_rank_00_model_states.pt")
     checkpoints.write_rank_state(tag, 0, {"rng": {}, "meter": {}})
+
+
+def _checkpoint(cfg: TrainStageConfig, step: int = STEPS) -> TrainState:
+    """A checkpoint of ``cfg``'s run at ``step`` with small stand-ins for DeepSpeed's files; it is latest."""
+    plan = stage.plan_data(cfg)
+    model = dataclasses.replace(cfg.model, num_classes=plan.num_classes)
+    state = _state(
+        step, stage=cfg.stage, seed=cfg.train.seed, model=config_to_dict(model), classes=plan.classes
+    )
+    checkpoints = CheckpointDir(cfg.out)
+    tag = step_tag(step)
+    _stand_in_files(checkpoints, tag)
     checkpoints.write_state(tag, state)
     (checkpoints.root / "latest").write_text(tag)
     return state
@@ -238,28 +248,8 @@ def test_check_files_names_each_damage_and_the_earlier_checkpoint(tmp_path) -> N
     states = {}
     for step in (2, 4):
         tag = step_tag(step)
-        (checkpoints.root / tag).mkdir(parents=True)
-        torch.save(
-            {"module": {"w": torch.arange(4096.0)}}, checkpoints.root / tag / "mp_rank_00_model_states.pt"
-        )
-        checkpoints.write_rank_state(tag, 0, {"rng": {}, "meter": {}})
-        states[tag] = TrainState(
-            stage="pretrain",
-            global_step=step,
-            epoch=0,
-            batch_in_epoch=step,
-            micro_batches=step,
-            skipped_nonfinite=0,
-            world_size=1,
-            batch_size=1,
-            num_workers=0,
-            grad_accumulation=1,
-            seed=42,
-            batches_per_epoch=8,
-            model={},
-            classes=[],
-            zero_stage=0,
-        )
+        _stand_in_files(checkpoints, tag)
+        states[tag] = _state(step)
         checkpoints.check_files(tag, states[tag])  # whole
     tag = step_tag(4)
     _cut(checkpoints.root / tag / "mp_rank_00_model_states.pt")

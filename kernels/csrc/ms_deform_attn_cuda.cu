@@ -191,6 +191,36 @@ __device__ __forceinline__ acc_t weight_of(const scalar_t* __restrict__ attentio
   return LOGITS ? exp_acc(x - top) * inv_total : x;
 }
 
+// Calls f(x, y, w, dw_dx, dw_dy) for each corner of c inside the map: its pixel, its bilinear weight and
+// the weight's derivatives with respect to the pixel coordinates x and y.
+template <typename acc_t, typename F>
+__device__ __forceinline__ void for_each_corner(const Corners<acc_t>& c, const F& f) {
+  const acc_t wx0 = 1 - c.fx, wx1 = c.fx, wy0 = 1 - c.fy, wy1 = c.fy;
+  if (c.y0_in && c.x0_in) f(c.x0, c.y0, wx0 * wy0, -wy0, -wx0);
+  if (c.y0_in && c.x1_in) f(c.x0 + 1, c.y0, wx1 * wy0, wy0, -wx1);
+  if (c.y1_in && c.x0_in) f(c.x0, c.y0 + 1, wx0 * wy1, -wy1, wx0);
+  if (c.y1_in && c.x1_in) f(c.x0 + 1, c.y0 + 1, wx1 * wy1, wy1, wx1);
+}
+
+// The warp lanes of this thread's group of `lanes` lanes (blockDim is a multiple of 32 and groups are
+// aligned to their size), for the shuffles of group_sum.
+__device__ __forceinline__ unsigned group_lanes_mask(int lanes) {
+  return lanes == kMaxGroup ? 0xffffffffu : ((1u << lanes) - 1u) << ((threadIdx.x & 31) & ~(lanes - 1));
+}
+
+// Sums a, b and c over the `lanes` lanes of one group with xor-shuffles: every lane of group_mask calls it.
+template <typename acc_t>
+__device__ __forceinline__ void group_sum(acc_t& a, acc_t& b, acc_t& c, unsigned group_mask, int lanes) {
+#pragma unroll
+  for (int offset = kMaxGroup / 2; offset > 0; offset >>= 1) {
+    if (offset < lanes) {
+      a += __shfl_xor_sync(group_mask, a, offset, lanes);
+      b += __shfl_xor_sync(group_mask, b, offset, lanes);
+      c += __shfl_xor_sync(group_mask, c, offset, lanes);
+    }
+  }
+}
+
 // Sizes the kernels need, by value.
 struct Launch {
   int64_t groups;  // N * Lq * M
@@ -282,9 +312,7 @@ __global__ void __launch_bounds__(256)
   using acc_t = at::opmath_type<scalar_t>;
   const int lanes = 1 << k.group_log2;
   const int lane = threadIdx.x & (lanes - 1);
-  // The group's lanes inside the warp (blockDim is a multiple of 32 and groups are aligned to their size).
-  const unsigned group_mask =
-      lanes == kMaxGroup ? 0xffffffffu : ((1u << lanes) - 1u) << ((threadIdx.x & 31) & ~(lanes - 1));
+  const unsigned group_mask = group_lanes_mask(lanes);
   const int LP = k.L * k.P;
   const int row = k.M * k.D;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -321,8 +349,7 @@ __global__ void __launch_bounds__(256)
           // Uniform across the group: every lane reads the same location.
           if (lv.ok && locate(__ldg(loc_g + 2 * lp), __ldg(loc_g + 2 * lp + 1), lv.H, lv.W, c)) {
             const acc_t a = weight_of<LOGITS>(att_g, lp, top, inv_total);
-            const acc_t wx0 = 1 - c.fx, wx1 = c.fx, wy0 = 1 - c.fy, wy1 = c.fy;
-            auto corner = [&](int x, int y, acc_t w, acc_t dw_dx, acc_t dw_dy) {
+            for_each_corner(c, [&](int x, int y, acc_t w, acc_t dw_dx, acc_t dw_dy) {
               if (!active) return;
               const int offset = (y * lv.W + x) * row;
               acc_t v[VEC], scaled[VEC];
@@ -338,19 +365,8 @@ __global__ void __launch_bounds__(256)
               ga += w * d;
               gx += dw_dx * d;
               gy += dw_dy * d;
-            };
-            if (c.y0_in && c.x0_in) corner(c.x0, c.y0, wx0 * wy0, -wy0, -wx0);
-            if (c.y0_in && c.x1_in) corner(c.x0 + 1, c.y0, wx1 * wy0, wy0, -wx1);
-            if (c.y1_in && c.x0_in) corner(c.x0, c.y0 + 1, wx0 * wy1, -wy1, wx0);
-            if (c.y1_in && c.x1_in) corner(c.x0 + 1, c.y0 + 1, wx1 * wy1, wy1, wx1);
-#pragma unroll
-            for (int offset = kMaxGroup / 2; offset > 0; offset >>= 1) {
-              if (offset < lanes) {
-                ga += __shfl_xor_sync(group_mask, ga, offset, lanes);
-                gx += __shfl_xor_sync(group_mask, gx, offset, lanes);
-                gy += __shfl_xor_sync(group_mask, gy, offset, lanes);
-              }
-            }
+            });
+            group_sum(ga, gx, gy, group_mask, lanes);
             gx *= a * static_cast<acc_t>(lv.W);
             gy *= a * static_cast<acc_t>(lv.H);
             inner += a * ga;
@@ -412,8 +428,7 @@ __global__ void __launch_bounds__(256)
   using acc_t = at::opmath_type<scalar_t>;
   const int lanes = 1 << k.group_log2;
   const int lane = threadIdx.x & (lanes - 1);
-  const unsigned group_mask =
-      lanes == kMaxGroup ? 0xffffffffu : ((1u << lanes) - 1u) << ((threadIdx.x & 31) & ~(lanes - 1));
+  const unsigned group_mask = group_lanes_mask(lanes);
   const int LP = k.L * k.P;
   const int row = k.M * k.D;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -433,13 +448,12 @@ __global__ void __launch_bounds__(256)
     if (hit) {
       a = static_cast<acc_t>(weights[pt]);
       const scalar_t* value_l = value + static_cast<int64_t>(n) * k.S * row + m * k.D + lv.start * row;
-      const acc_t wx0 = 1 - c.fx, wx1 = c.fx, wy0 = 1 - c.fy, wy1 = c.fy;
       for (int chunk = 0; chunk < k.chunks; ++chunk) {
         const int c0 = (chunk * lanes + lane) * VEC;
         if (c0 >= k.D) break;  // idle lanes add zeros to the shuffles below
         acc_t gout[VEC];
         load_vec<VEC>(grad_output + static_cast<int64_t>(g) * k.D + c0, gout);
-        auto corner = [&](int x, int y, acc_t w, acc_t dw_dx, acc_t dw_dy) {
+        for_each_corner(c, [&](int x, int y, acc_t w, acc_t dw_dx, acc_t dw_dy) {
           acc_t v[VEC];
           load_vec<VEC>(value_l + (y * lv.W + x) * row + c0, v);
           acc_t d = 0;
@@ -448,21 +462,10 @@ __global__ void __launch_bounds__(256)
           ga += w * d;
           gx += dw_dx * d;
           gy += dw_dy * d;
-        };
-        if (c.y0_in && c.x0_in) corner(c.x0, c.y0, wx0 * wy0, -wy0, -wx0);
-        if (c.y0_in && c.x1_in) corner(c.x0 + 1, c.y0, wx1 * wy0, wy0, -wx1);
-        if (c.y1_in && c.x0_in) corner(c.x0, c.y0 + 1, wx0 * wy1, -wy1, wx0);
-        if (c.y1_in && c.x1_in) corner(c.x0 + 1, c.y0 + 1, wx1 * wy1, wy1, wx1);
+        });
       }
       // hit is the same for every lane of the group (one location), so the whole group shuffles.
-#pragma unroll
-      for (int offset = kMaxGroup / 2; offset > 0; offset >>= 1) {
-        if (offset < lanes) {
-          ga += __shfl_xor_sync(group_mask, ga, offset, lanes);
-          gx += __shfl_xor_sync(group_mask, gx, offset, lanes);
-          gy += __shfl_xor_sync(group_mask, gy, offset, lanes);
-        }
-      }
+      group_sum(ga, gx, gy, group_mask, lanes);
     }
     if (lane == 0) {
       grad_weight[pt] = ga;
