@@ -22,6 +22,7 @@ from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 from dino_core.box_ops import cxcywh_to_xyxy
 from dino_core.detector import DetectorOutput, Prediction
 from dino_core.matcher import HungarianMatcher
+from dino_core.query_selection import own_queries_mask
 
 LOSS_NAMES = ("class", "bbox", "giou")
 
@@ -130,8 +131,7 @@ class SetCriterion(nn.Module):
         device = outputs.final.logits.device
         query_mask = None
         if outputs.num_valid is not None:
-            valid = torch.tensor(outputs.num_valid).to(device, non_blocking=True)
-            query_mask = torch.arange(outputs.final.logits.shape[1], device=device) < valid[:, None]
+            query_mask = own_queries_mask(outputs.num_valid, outputs.final.logits.shape[1], device)
         # (suffixes, predictions, per set per image (query, target) on the host, normaliser, query mask)
         groups = [([s for s, _ in matching], [p for _, p in matching], assignments, num_boxes, query_mask)]
         if outputs.denoising is not None:

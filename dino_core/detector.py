@@ -22,7 +22,7 @@ from dino_core.heads import box_head, class_head
 from dino_core.neck import Neck
 from dino_core.position_encoding import sine_position_encoding
 from dino_core.postprocess import postprocess
-from dino_core.query_selection import QuerySelection, SelectedQueries
+from dino_core.query_selection import QuerySelection, SelectedQueries, own_queries_mask
 
 
 @dataclass
@@ -265,8 +265,7 @@ class DINO(nn.Module):
         content, anchors, mask = queries.content, queries.anchors, None
         query_padding = None
         if queries.num_valid is not None:
-            counts = torch.tensor(queries.num_valid).to(content.device, non_blocking=True)
-            query_padding = torch.arange(content.shape[1], device=content.device) >= counts[:, None]
+            query_padding = ~own_queries_mask(queries.num_valid, content.shape[1], content.device)
         if denoising is not None:
             content = torch.cat([denoising.content.to(content.dtype), content], 1)
             anchors = torch.cat([denoising.anchors, anchors], 1)

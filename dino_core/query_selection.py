@@ -35,6 +35,12 @@ class SelectedQueries:
     as queries, and its outputs would depend on the batch."""
 
 
+def own_queries_mask(num_valid: tuple[int, ...], num_queries: int, device: torch.device) -> torch.Tensor:
+    """(B, Q) bool, True on each image's own queries: the first ``num_valid[b]`` of image b's Q."""
+    counts = torch.tensor(num_valid).to(device, non_blocking=True)
+    return torch.arange(num_queries, device=device) < counts[:, None]
+
+
 def encoder_proposals(
     memory: torch.Tensor,
     padding_mask: torch.Tensor | None,

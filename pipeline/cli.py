@@ -180,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {arg} is a file; out= takes a directory", file=sys.stderr)
             return REFUSED
         key, _, value = arg.partition("=")
-        if key == "shards" and "{" in value and not re.fullmatch(r"'.*'|\".*\"", value):
+        if key.rsplit(".", 1)[-1] == "shards" and "{" in value and not re.fullmatch(r"'.*'|\".*\"", value):
             # Hydra's override grammar reads {...} as a dict and fails with a parser message.
             print(
                 f"error: {arg}: quote the template for Hydra, e.g. \"shards='{value}'\" in the shell",

@@ -14,7 +14,6 @@ there).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,8 @@ from typing import Any
 
 from dino_core.config import DINOConfig
 from dino_core.presets import preset
+from pipeline.config import flatten
+from pipeline.data.manifest import is_remote
 from pipeline.evaluation.config import EvalConfig, TTAConfig
 from pipeline.tracking_config import TrackingConfig
 
@@ -399,7 +400,7 @@ class TrainStageConfig:
             settings["deepspeed.fp16_initial_scale_power"] = self.deepspeed.fp16_initial_scale_power
             settings["deepspeed.fp16_loss_scale_window"] = self.deepspeed.fp16_loss_scale_window
         for section in ("train", "eval", "tta"):
-            settings.update(_flat(dataclasses.asdict(getattr(self, section)), f"{section}."))
+            settings.update({f"{section}.{k}": v for k, v in flatten(getattr(self, section)).items()})
         settings["train.backbone_weights"] = _location(self.train.backbone_weights)
         return {k: v for k, v in settings.items() if not k.startswith(_NOT_RESULT_SETTINGS)}
 
@@ -414,14 +415,4 @@ def _location(value: str | Path | None) -> str | None:
     if value is None:
         return None
     text = str(value)
-    return text if "://" in text or text.startswith("pipe:") else os.path.abspath(text)
-
-
-def _flat(values: dict[str, Any], prefix: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = str(value) if isinstance(value, Path) else value
-    return out
+    return text if is_remote(text) else os.path.abspath(text)
