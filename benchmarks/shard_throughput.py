@@ -1,6 +1,6 @@
 """Sharding throughput against ``tar -cf`` of the same files, and its scaling from 1 to 2 Ray workers.
 
-    python benchmarks/shard_throughput.py [--small 1024 --large 6144] [--images-per-shard 128]
+    python benchmarks/shard_throughput.py [--small 1024 --large 6144] [--images-per-shard 512]
         [--checks structure draft] [--repeats 3]
 
 coco128 (../shared) is replicated under new image ids (copies: tar stores hard links as links) to
@@ -13,7 +13,10 @@ cluster: Ray's start-up and the workers' imports are outside every timed run (th
 earlier version that timed each run with its own Ray). 1 and 2 workers alternate, repeat by repeat, and
 each pair's scaling is printed too: on this VM the 2-worker runs vary more than the drift between them.
 Files are read once first, so both tar and the stage read from the page cache. The stage fsyncs every
-shard (tar does not): "tar + sync" is the same floor made durable.
+shard (tar does not): "tar + sync" is the same floor made durable. After every timed run (outside its
+time) the output is deleted and the file system synced, so no run writes back another's dirty pages.
+512 images per shard (about 84 MiB, a third of the stage's default ``target_shard_mb``; 2 and 12 shards,
+so both configurations get whole rounds); smaller shards add Ray's few ms per task to every image.
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ def time_tar(images_dir: Path, out: Path, sync: bool) -> tuple[float, float]:
     elapsed = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     out.unlink()
+    os.sync()
     return elapsed, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
@@ -98,6 +102,7 @@ def time_shard(
     summary = run_shard(cfg)
     elapsed = time.perf_counter() - start
     shutil.rmtree(out, ignore_errors=True)
+    os.sync()
     return elapsed, summary.task_cpu_seconds, summary.write_seconds
 
 
@@ -105,7 +110,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", type=int, default=1024)
     parser.add_argument("--large", type=int, default=6144)
-    parser.add_argument("--images-per-shard", type=int, default=128)
+    parser.add_argument("--images-per-shard", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--checks", nargs="+", default=["structure", "draft"], help="decode_check values")
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "out" / "shard_throughput")
