@@ -31,6 +31,7 @@ from pipeline.config import (
     ConfigError,
     defer_until_accepted,
     drop_deferred,
+    hydra_value,
     inputs_accepted,
     register,
     validate,
@@ -204,7 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ):
         # An absolute folder fixed here: every job and launcher (Ray workers included) then agrees on it.
         stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-        rest = [*rest, f"hydra.sweep.dir={Path.cwd() / 'multirun' / command.config_name / stamp}"]
+        sweep_dir = Path.cwd() / "multirun" / command.config_name / stamp
+        rest = [*rest, f"hydra.sweep.dir={hydra_value(str(sweep_dir))}"]
     saved = sys.argv
     sys.argv = [f"{Path(saved[0]).name} {name}", *rest]
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,6 +192,24 @@ def validate(cfg: DictConfig) -> Any:
         raise ConfigError(f"invalid configuration: {error}") from None
     except (ValueError, TypeError, KeyError) as error:
         raise ConfigError(f"invalid configuration: {error}") from None
+
+
+_PLAIN_VALUE = re.compile(r"[\w/.:+~@%-]+")
+"""Characters Hydra's override grammar reads as themselves in an unquoted value."""
+
+
+def hydra_value(text: str) -> str:
+    """``text`` written as a Hydra override value that parses back to exactly ``text``.
+
+    A path with spaces, parentheses, commas or quotes is syntax to Hydra's override grammar unquoted, so
+    it is single-quoted; inside the quotes a quote, and the backslashes right before a quote or the
+    closing one, are escaped. Text of only plain characters stays as it is.
+    """
+    if _PLAIN_VALUE.fullmatch(text):
+        return text
+    body = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", text)
+    body = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, body)
+    return f"'{body}'"
 
 
 def to_yaml(config: Any) -> str:

@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import sys
 import time
 import uuid
@@ -38,7 +39,7 @@ from typing import Any
 import ray
 
 from pipeline.checkpoint import atomic_write_bytes
-from pipeline.config import COMMANDS, CONF_DIR, ConfigError, compose, flatten, to_yaml, validate
+from pipeline.config import COMMANDS, CONF_DIR, ConfigError, compose, flatten, hydra_value, to_yaml, validate
 from pipeline.data.coco_source import resolve_sources
 from pipeline.data.config import ShardStageConfig
 from pipeline.data.manifest import is_remote
@@ -96,11 +97,16 @@ class Stage:
 
     def command_line(self) -> str:
         """The command that runs this stage alone (as recorded)."""
-        return " ".join(["python -m pipeline", self.command, *(_quote(o) for o in self.overrides)])
+        return " ".join(["python -m pipeline", self.command, *(_shell_word(o) for o in self.overrides)])
 
 
-def _quote(override: str) -> str:
-    return override if re.fullmatch(r"[\w.+~@/:=,\-\[\]]+", override) else f"'{override}'"
+def _shell_word(text: str) -> str:
+    """``text`` as one POSIX shell word: bare when safe, in double quotes when it holds Hydra's single
+    quotes (``"out='/runs/a (copy)'"``) and nothing the shell expands there, else ``shlex.quote``'s form."""
+    quoted = shlex.quote(text)
+    if quoted != text and "'" in text and not any(c in text for c in '"$`\\!'):
+        return f'"{text}"'
+    return quoted
 
 
 # ----------------------------------------------------------------------------------------------- planning
@@ -137,17 +143,27 @@ def stage_overrides(cfg: RunConfig, name: str, root: Path) -> list[str]:
     if spec.experiment:
         prefix = "" if _has_group_default(spec.command, "experiment") else "+"
         first.append(f"{prefix}experiment={spec.experiment}")
-    assigned = [f"out={root / (spec.out or name)}"]
+    assigned = [f"out={hydra_value(str(root / (spec.out or name)))}"]
     if _has_field(spec.command, "tracking"):
         if cfg.tracking.enabled:
             assigned += [
                 f"tracking.kind={cfg.tracking.kind}",
-                f"tracking.uri={cfg.tracking.resolved_uri(root)}",
+                f"tracking.uri={hydra_value(cfg.tracking.resolved_uri(root))}",
                 f"tracking.experiment={cfg.tracking.experiment}",
             ]
         else:
             assigned.append("tracking.kind=none")
-    return merge_overrides(first, list(spec.overrides), list(spec.extra), assigned)
+    given = [_quote_out(o, str(cfg.out)) for o in [*spec.overrides, *spec.extra]]
+    return merge_overrides(first, given, assigned)
+
+
+def _quote_out(override: str, out: str) -> str:
+    """``override`` with its value quoted for Hydra when it holds the run's ``out`` (an experiment's
+    ``${out}/...``) and ``out`` has characters Hydra reads as syntax (a space, a parenthesis, a comma)."""
+    key, sep, value = override.partition("=")
+    if not sep or out not in value or hydra_value(out) == out or value[:1] in "[{'\"":
+        return override
+    return f"{key}={hydra_value(value)}"
 
 
 def config_sha256(config: Any) -> str:

@@ -4,17 +4,19 @@ type or value fails naming it (for ``run`` and for the stages it composes)."""
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException
 from pipeline_helpers import meta_parameter_count
 
 from dino_core import PRESETS, build_criterion, build_dino
-from pipeline.config import CONF_DIR, ConfigError, compose, validate
+from pipeline.config import CONF_DIR, ConfigError, compose, hydra_value, validate
 from pipeline.orchestrate import PipelineError, plan
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
@@ -97,6 +99,39 @@ def test_the_demo_is_the_default_pipeline(tmp_path: Path) -> None:
     assert by_name["eval"].config.tta.enabled
     assert by_name["pretrain"].config.launcher.kind == "ray"
     assert by_name["pretrain"].config.tracking.uri == f"sqlite:///{tmp_path}/mlflow.db"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "/runs/a",
+        "/runs/run (copy)",
+        "/a,b/c",
+        "/it's/x",
+        "/a\\b",
+        "/a\\",
+        "/a\\'b",
+        "/a=b:c[1]{2}",
+        " x ",
+        "/ä ö",
+        "",
+    ],
+)
+def test_hydra_value_parses_back_to_the_text(text: str) -> None:
+    assert OverridesParser.create().parse_override(f"out={hydra_value(text)}").value() == text
+    assert (hydra_value(text) == text) == (text == "/runs/a")  # plain text stays as it is
+
+
+def test_the_pipeline_runs_in_a_folder_whose_name_is_hydra_syntax(tmp_path: Path) -> None:
+    out = tmp_path / "run (copy), it's"
+    stages = plan(validate(compose("run", [f"out={hydra_value(str(out))}"])))
+    by_name = {s.name: s for s in stages}
+    assert by_name["shard_pretrain_train"].config.dataset.images == out / "demo_data" / "pretrain" / "train"
+    assert by_name["finetune"].config.init == out / "pretrain" and by_name["eval"].config.out == out / "eval"
+    assert by_name["eval"].config.tracking.uri == f"sqlite:///{out}/mlflow.db"
+    # The recorded command line is one shell command that gives the stage the same overrides.
+    for stage in stages:
+        assert shlex.split(stage.command_line())[4:] == stage.overrides
 
 
 @pytest.mark.parametrize(

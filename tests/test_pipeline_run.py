@@ -15,6 +15,7 @@ import pytest
 from mlflow import MlflowClient
 from pipeline_helpers import CLIENT_ENV, running_ray_cluster
 
+from pipeline.config import hydra_value
 from pipeline.tracking import git_commit
 
 STAGES = [
@@ -42,7 +43,7 @@ def _run(
 ) -> tuple[subprocess.CompletedProcess, dict]:
     base = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline", "run", f"out={out}", *TINY, *overrides],
+        [sys.executable, "-m", "pipeline", "run", f"out={hydra_value(str(out))}", *TINY, *overrides],
         capture_output=True,
         text=True,
         env={**base, "OMP_NUM_THREADS": "1", **(env or {})},
@@ -58,9 +59,10 @@ def _statuses(summary: dict) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def pipeline_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Three runs into one directory: eval failing (a local Ray), then fixed (on a running Ray cluster, as
-    an operator's run joins one), then again with nothing to do."""
+    an operator's run joins one), then again with nothing to do. The folder's name is syntax to Hydra's
+    override grammar unquoted: every stage gets it quoted."""
     root = tmp_path_factory.mktemp("run")
-    out = root / "demo"
+    out = root / "demo run (1), v2"
     missing = out / "no_such_model"
     first = _run(out, f'stages.eval.extra=["checkpoint={missing}"]')
     records_after_first = {s: (out / s / "COMPLETED.json").is_file() for s in STAGES}
@@ -125,7 +127,16 @@ def test_changing_a_stage_reruns_it_and_what_reads_it(pipeline_runs: dict) -> No
     out = pipeline_runs["out"]
     changed = 'stages.finetune.extra=["train.epochs=1","train.lr_drop_epochs=[]","train.max_steps=1"]'
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline", "run", f"out={out}", *TINY[:2], changed, "dry_run=true"],
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "run",
+            f"out={hydra_value(str(out))}",
+            *TINY[:2],
+            changed,
+            "dry_run=true",
+        ],
         capture_output=True,
         text=True,
     )
@@ -142,7 +153,7 @@ def test_changing_a_stage_reruns_it_and_what_reads_it(pipeline_runs: dict) -> No
             "-m",
             "pipeline",
             "run",
-            f"out={out}",
+            f"out={hydra_value(str(out))}",
             *TINY[:2],
             "force=[finetune]",
             "dry_run=true",
