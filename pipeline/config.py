@@ -194,18 +194,19 @@ def validate(cfg: DictConfig) -> Any:
         raise ConfigError(f"invalid configuration: {error}") from None
 
 
-_PLAIN_VALUE = re.compile(r"[\w/.:+~@%-]+")
-"""Characters Hydra's override grammar reads as themselves in an unquoted value."""
+_PLAIN_VALUE = re.compile(r"[A-Za-z0-9_/.:+@%-]+")
+"""ASCII characters Hydra's override grammar reads as themselves in an unquoted value (not ``~``)."""
 
 
 def hydra_value(text: str) -> str:
-    """``text`` written as a Hydra override value that parses back to exactly ``text``.
+    """``text`` written as a Hydra override value that parses back to exactly the string ``text``.
 
-    A path with spaces, parentheses, commas or quotes is syntax to Hydra's override grammar unquoted, so
-    it is single-quoted; inside the quotes a quote, and the backslashes right before a quote or the
-    closing one, are escaped. Text of only plain characters stays as it is.
+    A path with spaces, parentheses, commas, quotes, ``~`` or non-ASCII letters is syntax (or an error)
+    to Hydra's override grammar unquoted, and ``10`` or ``true`` would parse as a number or a bool: such
+    text is single-quoted, with a quote, and the backslashes right before a quote or the closing one,
+    escaped. A path or URL of plain characters (it holds a ``/``, so it is no number) stays as it is.
     """
-    if _PLAIN_VALUE.fullmatch(text):
+    if "/" in text and _PLAIN_VALUE.fullmatch(text):
         return text
     body = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", text)
     body = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, body)

@@ -114,12 +114,19 @@ def test_the_demo_is_the_default_pipeline(tmp_path: Path) -> None:
         "/a=b:c[1]{2}",
         " x ",
         "/ä ö",
+        "/ä",
+        "/a~b",
+        "10",
+        "true",
+        "null",
         "",
+        "http://host:5000/a",
     ],
 )
 def test_hydra_value_parses_back_to_the_text(text: str) -> None:
     assert OverridesParser.create().parse_override(f"out={hydra_value(text)}").value() == text
-    assert (hydra_value(text) == text) == (text == "/runs/a")  # plain text stays as it is
+    # A plain path or URL stays as it is.
+    assert (hydra_value(text) == text) == (text in ("/runs/a", "http://host:5000/a"))
 
 
 def test_the_pipeline_runs_in_a_folder_whose_name_is_hydra_syntax(tmp_path: Path) -> None:
