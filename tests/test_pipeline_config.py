@@ -3,6 +3,7 @@ type or value fails naming it (for ``run`` and for the stages it composes)."""
 
 from __future__ import annotations
 
+import random
 import re
 import shlex
 import subprocess
@@ -127,6 +128,16 @@ def test_hydra_value_parses_back_to_the_text(text: str) -> None:
     assert OverridesParser.create().parse_override(f"out={hydra_value(text)}").value() == text
     # A plain path or URL stays as it is.
     assert (hydra_value(text) == text) == (text in ("/runs/a", "http://host:5000/a"))
+
+
+def test_hydra_value_parses_back_random_text() -> None:
+    rng = random.Random(0)
+    alphabet = "ab/ .,()[]{}:=\\'\"~%@+-_\u00e4\t$!#*?|&;<>"
+    parser = OverridesParser.create()
+    for _ in range(2000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 8)))
+        if "${" not in text:  # an interpolation, quoted or not
+            assert parser.parse_override(f"out={hydra_value(text)}").value() == text, text
 
 
 def test_the_pipeline_runs_in_a_folder_whose_name_is_hydra_syntax(tmp_path: Path) -> None:
