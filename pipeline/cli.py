@@ -33,6 +33,7 @@ from pipeline.config import (
     drop_deferred,
     hydra_value,
     inputs_accepted,
+    override_problem,
     register,
     validate,
 )
@@ -187,6 +188,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"error: {arg}: quote the template for Hydra, e.g. \"shards='{value}'\" in the shell",
                 file=sys.stderr,
             )
+            return REFUSED
+        problem = override_problem(arg) if "=" in arg and not arg.startswith("-") else None
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
             return REFUSED
     register(command)
     status: list[int | None] = []

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import re
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -212,6 +215,32 @@ def hydra_value(text: str) -> str:
     body = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", text)
     body = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, body)
     return f"'{body}'"
+
+
+def shell_word(text: str) -> str:
+    """``text`` as one POSIX shell word: bare when safe, in double quotes when it holds Hydra's single
+    quotes (``"out='/runs/a (copy)'"``) and nothing the shell expands there, else ``shlex.quote``'s form."""
+    quoted = shlex.quote(text)
+    if quoted != text and "'" in text and not any(c in text for c in '"$`\\!'):
+        return f'"{text}"'
+    return quoted
+
+
+def override_problem(override: str) -> str | None:
+    """Why Hydra's override grammar cannot read the command-line ``key=value`` override (``None`` when it
+    can), and the quoted form to give when the value is meant as a string: a path with a space and a
+    parenthesis, or a ``~``, fails in the parser with a message that names neither the override nor
+    the fix."""
+    try:
+        OverridesParser.create().parse_override(override)
+    except HydraException as error:
+        key, _, value = override.partition("=")
+        reason = str(error).splitlines()[0]
+        return (
+            f"{override}: Hydra cannot read this override ({reason}); if the value is a path or other "
+            f"text, quote it for Hydra: {shell_word(f'{key}={hydra_value(value)}')}"
+        )
+    return None
 
 
 def to_yaml(config: Any) -> str:

@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import re
-import shlex
 import sys
 import time
 import uuid
@@ -39,7 +38,17 @@ from typing import Any
 import ray
 
 from pipeline.checkpoint import atomic_write_bytes
-from pipeline.config import COMMANDS, CONF_DIR, ConfigError, compose, flatten, hydra_value, to_yaml, validate
+from pipeline.config import (
+    COMMANDS,
+    CONF_DIR,
+    ConfigError,
+    compose,
+    flatten,
+    hydra_value,
+    shell_word,
+    to_yaml,
+    validate,
+)
 from pipeline.data.coco_source import resolve_sources
 from pipeline.data.config import ShardStageConfig
 from pipeline.data.manifest import is_remote
@@ -97,16 +106,7 @@ class Stage:
 
     def command_line(self) -> str:
         """The command that runs this stage alone (as recorded)."""
-        return " ".join(["python -m pipeline", self.command, *(_shell_word(o) for o in self.overrides)])
-
-
-def _shell_word(text: str) -> str:
-    """``text`` as one POSIX shell word: bare when safe, in double quotes when it holds Hydra's single
-    quotes (``"out='/runs/a (copy)'"``) and nothing the shell expands there, else ``shlex.quote``'s form."""
-    quoted = shlex.quote(text)
-    if quoted != text and "'" in text and not any(c in text for c in '"$`\\!'):
-        return f'"{text}"'
-    return quoted
+        return " ".join(["python -m pipeline", self.command, *(shell_word(o) for o in self.overrides)])
 
 
 # ----------------------------------------------------------------------------------------------- planning

@@ -1,17 +1,21 @@
 """Bad input on the command line fails early, names the input and the fix, and loses nothing: a refused
 command leaves an existing ``out`` byte for byte as it was (Hydra's record included), ``eval shards=`` is
 checked against the manifest, ``shard`` names a wrong image root, a shard given as a manifest is named as
-such, and ``run`` (dry run too) names every missing dataset root or weight file before any stage."""
+such, ``run`` (dry run too) names every missing dataset root or weight file before any stage, and an
+override Hydra's grammar cannot read is named with the quoted form that works."""
 
 from __future__ import annotations
 
 import json
+import re
+import shlex
 from pathlib import Path
 
 import pytest
 import yaml
 
 from pipeline.cli import main as cli_main
+from pipeline.config import compose, override_problem
 from pipeline.data.coco_source import AnnotationFileError
 from pipeline.data.config import DatasetConfig, ShardConfig, ShardStageConfig
 from pipeline.data.manifest import Manifest, ManifestError, ShardEntry, load_manifest
@@ -124,6 +128,22 @@ def test_a_shard_template_is_checked_against_the_manifest(tmp_path: Path) -> Non
 def test_eval_names_an_unquoted_shard_template(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["eval", "checkpoint=x", "data=y", "shards=/mnt/{name}"]) == 2
     assert "quote the template" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["/runs/a (copy)", "/runs/a~b", "/runs/it's (x)"])
+def test_an_override_hydra_cannot_read_is_named_with_its_quoted_form(
+    value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "eval"
+    assert cli_main(["eval", "checkpoint=x", "data=y", f"out={out}{value}"]) == 2
+    assert not out.parent.joinpath(f"eval{value}").exists()
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: out={out}{value}: Hydra cannot read this override")
+    # The fix it prints is one shell word that Hydra reads as exactly the path.
+    (fix,) = shlex.split(re.search(r"quote it for Hydra: (.*)$", error.strip()).group(1))
+    assert override_problem(fix) is None
+    assert compose("eval", ["checkpoint=x", "data=y", fix]).out == Path(f"{out}{value}")
+    assert override_problem("train.lr=1e-4,2e-4") is None and override_problem("x=[1,2]") is None
 
 
 def test_a_shard_given_as_the_manifest_is_named(tmp_path: Path) -> None:
