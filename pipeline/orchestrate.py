@@ -158,10 +158,12 @@ def stage_overrides(cfg: RunConfig, name: str, root: Path) -> list[str]:
 
 
 def _quote_out(override: str, out: str) -> str:
-    """``override`` with its value quoted for Hydra when it holds the run's ``out`` (an experiment's
-    ``${out}/...``) and ``out`` has characters Hydra reads as syntax (a space, a parenthesis, a comma)."""
+    """``override`` with its value quoted for Hydra when the value is the run's ``out`` or a path under it
+    (an experiment's ``${out}/...``) and ``out`` has characters Hydra reads as syntax (a space and a
+    parenthesis, a comma, a quote)."""
     key, sep, value = override.partition("=")
-    if not sep or out not in value or hydra_value(out) == out or value[:1] in "[{'\"":
+    under_out = value.startswith(out) and value[len(out) : len(out) + 1] in ("", "/")
+    if not sep or not under_out or hydra_value(f"{out}/") == f"{out}/":
         return override
     return f"{key}={hydra_value(value)}"
 

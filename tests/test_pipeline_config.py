@@ -140,7 +140,9 @@ def test_hydra_value_parses_back_random_text() -> None:
             assert parser.parse_override(f"out={hydra_value(text)}").value() == text, text
 
 
-def test_the_pipeline_runs_in_a_folder_whose_name_is_hydra_syntax(tmp_path: Path) -> None:
+def test_the_pipeline_runs_in_a_folder_whose_name_is_hydra_syntax(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "run (copy), it's"
     stages = plan(validate(compose("run", [f"out={hydra_value(str(out))}"])))
     by_name = {s.name: s for s in stages}
@@ -150,6 +152,20 @@ def test_the_pipeline_runs_in_a_folder_whose_name_is_hydra_syntax(tmp_path: Path
     # The recorded command line is one shell command that gives the stage the same overrides.
     for stage in stages:
         assert shlex.split(stage.command_line())[4:] == stage.overrides
+    # A plain folder leaves every override as the experiment wrote it, a short relative one too.
+    monkeypatch.chdir(tmp_path)
+    plain = {s.name: s.overrides for s in plan(validate(compose("run", ["out=d"])))}
+    assert plain["eval"][:4] == [
+        "checkpoint=d/finetune",
+        "data=d/shards/demo_finetune/val/manifest.json",
+        "tta=multiscale_flip",
+        "eval.short_side=160",
+    ]
+    assert plain["shard_pretrain_train"][:3] == [
+        "dataset=demo_pretrain",
+        "dataset.split=train",
+        "dataset.images=d/demo_data/pretrain/train",
+    ]
 
 
 @pytest.mark.parametrize(
