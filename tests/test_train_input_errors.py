@@ -160,19 +160,8 @@ def test_checkpoints_of_other_data_name_the_data(demo_shards, tmp_path, launched
 
 def test_checkpoints_of_another_model_and_data_name_both() -> None:
     debug = preset("debug")
-    saved = TrainState(
-        stage="pretrain",
-        global_step=2,
-        epoch=0,
-        batch_in_epoch=2,
-        micro_batches=2,
-        skipped_nonfinite=0,
-        world_size=1,
-        batch_size=1,
-        num_workers=0,
-        grad_accumulation=1,
-        seed=42,
-        batches_per_epoch=8,
+    saved = _state(
+        2,
         model=config_to_dict(dataclasses.replace(debug, num_classes=3)),
         classes=[{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
     )

@@ -105,7 +105,7 @@ class Manifest:
                 that are missing or incomplete and what to do.
         """
         if template is None:
-            if self.location.startswith(("http://", "https://", "pipe:")):
+            if is_remote(self.location):
                 return
             locations = self.shard_locations()
         else:

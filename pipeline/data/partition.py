@@ -74,11 +74,17 @@ class Plan:
         """The JSON-lines file of shard ``shard``'s annotations (absent when it has none)."""
         return self.directory / "ann" / f"{shard:06d}.jsonl"
 
+    def file_name(self, i: int) -> str:
+        """Image ``i``'s file name, relative to its image root."""
+        return self.names[self.name_offsets[i] : self.name_offsets[i + 1]].decode("utf-8")
+
+    def image_path(self, i: int) -> str:
+        """Where image ``i`` is read from: its image root joined with its file name."""
+        return os.path.join(self.image_roots[int(self.sources[i])], self.file_name(i))
+
     def shard_names(self, shard: int) -> list[str]:
         """The file names of shard ``shard``'s images."""
-        lo, hi = self.shard_starts[shard], self.shard_starts[shard + 1]
-        offsets = self.name_offsets
-        return [self.names[offsets[i] : offsets[i + 1]].decode("utf-8") for i in range(lo, hi)]
+        return [self.file_name(i) for i in range(self.shard_starts[shard], self.shard_starts[shard + 1])]
 
 
 def plan_fingerprint(cfg: ShardStageConfig, annotation_sha256: list[str]) -> str:

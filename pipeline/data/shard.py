@@ -243,17 +243,14 @@ def _check_image_root(cfg: ShardStageConfig, plan: Plan) -> None:
     if count == 0:
         return
     probes = sorted({int(i) for i in np.linspace(0, count - 1, min(IMAGE_PROBES, count))})
-    offsets, roots = plan.name_offsets, plan.image_roots
-    paths = []
-    for i in probes:
-        name = plan.names[offsets[i] : offsets[i + 1]].decode("utf-8")
-        paths.append(os.path.join(roots[int(plan.sources[i])], name))
+    paths = [plan.image_path(i) for i in probes]
     if any(os.path.isfile(path) for path in paths):
         return
     keys = "dataset.images" if cfg.dataset.kind == "coco_format" else "dataset.root (or dataset.images)"
     looked = "" if len(probes) == count else f" (looked for {len(probes)}, spread over the {count} listed)"
+    roots = ", ".join(sorted(set(plan.image_roots)))
     raise AnnotationFileError(
-        f"0 of {len(probes)} listed images found under {', '.join(sorted(set(roots)))}{looked}; e.g. "
+        f"0 of {len(probes)} listed images found under {roots}{looked}; e.g. "
         f"{paths[0]} does not exist: is {keys} right? It must be the folder the annotation file's "
         "file_name values are relative to"
     )
